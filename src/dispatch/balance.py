@@ -1,0 +1,99 @@
+"""Balancing policies: which workers get the connections of one accepted batch.
+
+Pure code. The primary calls ``assign(count, loads)`` once per batch with the
+workers that can take connections right now (ready and not backpressured) and
+gets back how many of the batch each of them receives, in the same order. A
+policy that sets ``needs_loads`` gets each worker's current number of
+connections (sent to it and not yet reported done); others get an empty list,
+so the primary does not have to track completions for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the primary needs from a balancing policy."""
+
+    #: True if ``assign`` needs the workers' current loads (and so completions).
+    needs_loads: bool
+
+    def assign(self, count: int, loads: Sequence[int], workers: int) -> list[int]:
+        """Split ``count`` connections over ``workers`` candidates; sum must be ``count``."""
+        ...
+
+
+class RoundRobin:
+    """Each connection to the next worker in turn, batches split evenly."""
+
+    needs_loads = False
+
+    def __init__(self) -> None:
+        self._cursor = 0
+
+    def assign(self, count: int, loads: Sequence[int], workers: int) -> list[int]:
+        share, extra = divmod(count, workers)
+        counts = [share] * workers
+        start = self._cursor % workers
+        for i in range(extra):
+            counts[(start + i) % workers] += 1
+        self._cursor = start + extra
+        return counts
+
+
+class LeastConnections:
+    """Each connection to the worker holding the fewest right now.
+
+    A batch is poured like water: the least-loaded workers are filled up to
+    the next one's level first. Ties rotate so that idle workers share evenly.
+    """
+
+    needs_loads = True
+
+    def __init__(self) -> None:
+        self._cursor = 0
+
+    def assign(self, count: int, loads: Sequence[int], workers: int) -> list[int]:
+        start = self._cursor % workers
+        self._cursor = start + 1
+        order = sorted(range(workers), key=lambda i: (loads[i], (i - start) % workers))
+        counts = [0] * workers
+        remaining = count
+        level = loads[order[0]]
+        filled = 1  # order[:filled] are the workers at `level`
+        while remaining:
+            while filled < workers and loads[order[filled]] <= level:
+                filled += 1
+            if filled == workers:
+                room = remaining
+            else:
+                room = (loads[order[filled]] - level) * filled
+            if room >= remaining:
+                share, extra = divmod(remaining, filled)
+                for rank, index in enumerate(order[:filled]):
+                    counts[index] += share + (1 if rank < extra else 0)
+                break
+            step = loads[order[filled]] - level
+            for index in order[:filled]:
+                counts[index] += step
+            remaining -= room
+            level += step
+        return counts
+
+
+#: Balance modes where the primary accepts and passes descriptors.
+USER_MODES = {"round-robin": RoundRobin, "least-connections": LeastConnections}
+#: Balance modes where the kernel picks the worker.
+KERNEL_MODES = ("reuseport", "shared")
+MODES = (*USER_MODES, *KERNEL_MODES)
+
+
+def make_policy(mode: str) -> Policy:
+    """The policy object for a user-space balance mode."""
+    try:
+        return USER_MODES[mode]()
+    except KeyError:
+        raise ValueError(f"no user-space policy for balance mode {mode!r}") from None

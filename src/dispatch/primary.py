@@ -1,0 +1,641 @@
+"""The primary: owns the listeners, accepts, passes descriptors, supervises workers.
+
+One thread, one epoll loop. Registered in it: the listeners (user-space
+modes), each worker's control channel, each worker's pidfd (readable when it
+exits: no SIGCHLD races), a wakeup pipe for signals and ``stop()``, and the
+health server's sockets. Decisions about which workers should exist come
+from the pure ``Supervisor``; this module only carries them out.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import logging
+import os
+import random
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dispatch import _fdpass, protocol, supervisor
+from dispatch.balance import Policy, make_policy
+from dispatch.config import Config
+from dispatch.listeners import bind, bound_name, remove_unix_path
+from dispatch.pidfile import Pidfile
+from dispatch.worker import worker_main
+
+log = logging.getLogger("dispatch")
+
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_FDS_MESSAGES = [protocol.encode_fds(n) for n in range(_fdpass.SCM_MAX_FD + 1)]
+_TICK = 0.1  # seconds between supervisor ticks
+
+
+class BootError(RuntimeError):
+    """Workers kept failing to boot and none ever became ready."""
+
+    exit_code = supervisor.EXIT_BOOT_FAILURE
+
+
+class WorkerHandle:
+    """The primary's view of one worker process."""
+
+    __slots__ = (
+        "worker_id", "pid", "pidfd", "channel", "worker_end", "fd", "state", "sent", "done",
+        "full", "drain_unsent", "report", "last_seen", "started_at", "request_limit",
+    )
+
+    def __init__(self, worker_id: int, pid: int, pidfd: int, channel: socket.socket,
+                 worker_end: socket.socket, request_limit: int) -> None:
+        self.worker_id = worker_id
+        self.pid = pid
+        self.pidfd = pidfd
+        self.channel = channel  # the primary's end
+        self.worker_end = worker_end  # kept open so unread connections can be taken back
+        self.fd = channel.fileno()
+        self.state = supervisor.BOOTING
+        self.sent = 0  # connections passed to it
+        self.done = 0  # connections it reported finished (least-connections)
+        self.full = False  # its channel said EAGAIN
+        self.drain_unsent = False  # Drain waits for room in the channel
+        self.report: protocol.Heartbeat | None = None
+        self.started_at = time.time()
+        self.last_seen = time.monotonic()
+        self.request_limit = request_limit
+
+
+class Server:
+    """A dispatch server as an object: ``start()``, ``serve_forever()``, ``stop()``.
+
+    ``serve()`` is this with signal handlers installed. Embedders may call
+    ``start()`` to bind (``addresses`` then lists what was bound, port 0
+    resolved) and fork the workers, and ``serve_forever()`` to run the loop
+    until ``stop()``, a signal, or a boot failure; it returns the exit code.
+    """
+
+    def __init__(self, handler: Any, **options: Any) -> None:
+        self.config = Config(handler, **options)
+        self._policy: Policy | None = None
+        if self.config.user_space:
+            balance = self.config.balance
+            self._policy = make_policy(balance) if isinstance(balance, str) else balance
+        self._needs_loads = bool(self._policy is not None and self._policy.needs_loads)
+        self.supervisor = supervisor.Supervisor(
+            workers=self.config.workers,
+            timeout=self.config.timeout,
+            boot_timeout=self.config.boot_timeout,
+            graceful_timeout=self.config.graceful_timeout,
+            restart_batch=self.config.restart_batch,
+        )
+        self.listeners: list[socket.socket] = []
+        self.workers: dict[int, WorkerHandle] = {}  # by pid
+        self.started_at = time.time()
+        self.stats = {"salvaged": 0, "backpressure": 0, "accept_errors": 0}
+        self._retired_sent = 0  # connections passed to workers that have exited
+        self.restarts_by_cause: dict[str, int] = {}
+        self._targets: list[WorkerHandle] = []
+        self._accept_buf = array.array("i", bytes(4 * self.config.accept_batch))
+        self._pending = array.array("i")  # accepted or taken back, not yet passed on
+        self._accepting = False
+        self._accept_resume_at = 0.0
+        self._epoll: select.epoll | None = None
+        self._callbacks: dict[int, Callable[[int], None]] = {}
+        self._wake_r = self._wake_w = -1
+        self._requests: list[str] = []
+        self._running = False
+        self._exit_code = 0
+        self._last_pid: dict[int, int] = {}
+        self._stop_requested = 0
+        self._pidfile: Pidfile | None = None
+        self._saved_signals: dict[int, Any] = {}
+        self.health: Any = None
+        self.on_worker_start: Callable[[int], None] | None = None
+
+    # ================================================================ setup
+    @property
+    def addresses(self) -> list[str]:
+        """The addresses actually bound, in the order given."""
+        return [bound_name(sock) for sock in self.listeners]
+
+    def start(self, install_signal_handlers: bool = False) -> None:
+        """Bind every address, then fork the workers.
+
+        Raises ``BindError`` (and leaves nothing bound) if an address cannot be
+        bound. ``install_signal_handlers`` needs the main thread.
+        """
+        if self._epoll is not None:
+            raise RuntimeError("server already started")
+        reserve = self.config.balance == "reuseport"
+        try:
+            for address in self.config.addresses:
+                self.listeners.append(bind(address, self.config.backlog, reserve_only=reserve))
+            if self.config.health_address is not None:
+                from dispatch.health import HealthServer
+
+                self.health = HealthServer(self, self.config.health_address)
+            if self.config.pidfile:
+                self._pidfile = Pidfile(self.config.pidfile)
+                self._pidfile.create()
+        except BaseException:
+            self._close_listeners()
+            if self.health is not None:
+                self.health.close()
+            raise
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._register(self._wake_r, _IN, self._on_wakeup)
+        if install_signal_handlers:
+            self.install_signal_handlers()
+        if self.config.user_space:
+            for sock in self.listeners:
+                self._register(sock.fileno(), 0, self._make_acceptor(sock.fileno()))
+        if self.health is not None:
+            self.health.attach(self._register, self._unregister)
+        if self.config.preload:
+            from dispatch.worker import load_handler
+
+            self.config = _replace_handler(self.config, load_handler(self.config.handler))
+        log.info("dispatch primary %d listening on %s (balance=%s, workers=%d)", os.getpid(),
+                 ", ".join(self.addresses), self._balance_name(), self.config.workers)
+        self._apply(self.supervisor.start(time.monotonic()))
+
+    def _balance_name(self) -> str:
+        balance = self.config.balance
+        return balance if isinstance(balance, str) else type(balance).__name__
+
+    # ================================================================ control
+    def stop(self, graceful: bool = True) -> None:
+        """Ask the loop to stop; safe from a signal handler or another thread."""
+        self._request("stop" if graceful else "quit")
+
+    def reload(self) -> None:
+        """Ask for a rolling restart of every worker."""
+        self._request("reload")
+
+    def scale(self, delta: int) -> None:
+        """Ask for ``delta`` more (or fewer) workers."""
+        self._request("ttin" if delta > 0 else "ttou")
+
+    def _request(self, what: str) -> None:
+        self._requests.append(what)
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")
+
+    def install_signal_handlers(self) -> None:
+        """The signals operators know: TERM/INT stop, QUIT fast, HUP/USR2 reload, TTIN/TTOU scale."""
+        names = {
+            signal.SIGTERM: "stop", signal.SIGINT: "stop", signal.SIGQUIT: "quit",
+            signal.SIGHUP: "reload", signal.SIGUSR2: "reload",
+            signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou",
+        }
+
+        def on_signal(signum: int, frame: object) -> None:
+            self._requests.append(names[signum])
+
+        for signum in names:
+            self._saved_signals[signum] = signal.signal(signum, on_signal)
+        self._saved_signals[0] = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def _restore_signal_handlers(self) -> None:
+        if not self._saved_signals:
+            return
+        wakeup = self._saved_signals.pop(0)
+        signal.set_wakeup_fd(wakeup)
+        for signum, previous in self._saved_signals.items():
+            signal.signal(signum, previous)
+        self._saved_signals.clear()
+
+    def _on_wakeup(self, events: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+        now = time.monotonic()
+        while self._requests:
+            what = self._requests.pop(0)
+            if what == "stop":
+                self._stop_requested += 1
+                if self._stop_requested > 1:
+                    log.warning("second stop request: stopping now")
+                    self._shutdown(now, graceful=False)
+                else:
+                    log.info("graceful shutdown: no new connections, waiting up to %gs for in-flight ones",
+                             self.config.graceful_timeout)
+                    self._shutdown(now, graceful=True)
+            elif what == "quit":
+                log.info("fast shutdown")
+                self._shutdown(now, graceful=False)
+            elif what == "reload":
+                self._apply(self.supervisor.reload(now))
+            elif what in ("ttin", "ttou"):
+                self._apply(self.supervisor.scale(1 if what == "ttin" else -1, now))
+
+    def _shutdown(self, now: float, graceful: bool) -> None:
+        self._stop_accepting()
+        if self._pending and self._targets:
+            self._dispatch_pending()  # before Drain, so workers read them first
+        if self._pending:
+            log.warning("closing %d accepted connections no worker could take", len(self._pending))
+            _fdpass.close_fds(self._pending)
+            del self._pending[:]
+        self._apply(self.supervisor.shutdown(now, graceful))
+
+    # ================================================================ loop
+    def serve_forever(self) -> int:
+        """Run until stopped; returns the exit code (0, or 3 after boot failures)."""
+        if self._epoll is None:
+            self.start()
+        assert self._epoll is not None
+        self._running = True
+        poll = self._epoll.poll
+        callbacks = self._callbacks
+        next_tick = time.monotonic() + _TICK
+        try:
+            while self._running:
+                for fd, events in poll(_TICK):
+                    callback = callbacks.get(fd)
+                    if callback is not None:
+                        callback(events)
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + _TICK
+                    self._tick(now)
+        finally:
+            self._cleanup()
+        return self._exit_code
+
+    def _tick(self, now: float) -> None:
+        self._apply(self.supervisor.tick(now))
+        if self._accept_resume_at and now >= self._accept_resume_at:
+            self._accept_resume_at = 0.0
+            self._update_accepting()
+
+    # ================================================================ hot path
+    def _make_acceptor(self, listen_fd: int) -> Callable[[int], None]:
+        accept_batch = _fdpass.accept_batch
+        buf = self._accept_buf
+
+        def on_listener_readable(events: int) -> None:
+            try:
+                count = accept_batch(listen_fd, buf)
+            except OSError as exc:
+                self._accept_failed(exc)
+                return
+            if count:
+                left_at, left = self._dispatch(buf, 0, count)
+                if left:
+                    self._pending.extend(buf[left_at : left_at + left])
+                    self._update_accepting()
+
+        return on_listener_readable
+
+    def _dispatch(self, buf: array.array, start: int, count: int) -> tuple[int, int]:
+        """Pass ``buf[start:start+count]`` to workers; returns what is left (start, count)."""
+        send = _fdpass.send_fds
+        messages = _FDS_MESSAGES
+        dontwait = _fdpass.DONTWAIT
+        while count and self._targets:
+            targets = self._targets
+            loads = [w.sent - w.done for w in targets] if self._needs_loads else ()
+            shares = self._policy.assign(count, loads, len(targets))  # type: ignore[union-attr]
+            if sum(shares) != count:
+                raise ValueError(f"balancing policy assigned {sum(shares)} of {count} connections")
+            for worker, share in zip(targets, shares, strict=True):
+                while share:
+                    chunk = share if share <= 253 else 253
+                    try:
+                        sent = send(worker.fd, buf, start, chunk, messages[chunk], dontwait, True)
+                    except OSError as exc:
+                        self._channel_broken(worker, exc)
+                        break
+                    if not sent:
+                        self._backpressure(worker)
+                        break
+                    worker.sent += chunk
+                    start += chunk
+                    count -= chunk
+                    share -= chunk
+        return start, count
+
+    def _dispatch_pending(self) -> None:
+        start, left = self._dispatch(self._pending, 0, len(self._pending))
+        del self._pending[:start]
+        self._update_accepting()
+
+    def _backpressure(self, worker: WorkerHandle) -> None:
+        """The worker's channel is full: skip it until it drains (EPOLLOUT)."""
+        worker.full = True
+        self.stats["backpressure"] += 1
+        self._epoll.modify(worker.fd, _IN | _OUT)  # type: ignore[union-attr]
+        self._rebuild_targets()
+
+    def _channel_broken(self, worker: WorkerHandle, exc: OSError) -> None:
+        log.error("worker %d (pid %d): cannot pass connections: %s; replacing it",
+                  worker.worker_id, worker.pid, exc)
+        worker.full = True
+        self._rebuild_targets()
+        self._kill(worker.pid, "exit")
+
+    def _accept_failed(self, exc: OSError) -> None:
+        self.stats["accept_errors"] += 1
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            # The listener stays readable; pause instead of spinning.
+            log.error("accept failed: %s; pausing accepts for 0.1s", exc)
+            self._accept_resume_at = time.monotonic() + 0.1
+            self._set_accepting(False)
+        else:
+            log.error("accept failed: %s", exc)
+
+    def _update_accepting(self) -> None:
+        """Accept only while some worker can take connections and nothing is waiting."""
+        want = (
+            bool(self._targets) and not self._pending and not self._accept_resume_at
+            and self._running_or_starting() and not self.supervisor.stopping
+        )
+        if want != self._accepting:
+            self._set_accepting(want)
+
+    def _running_or_starting(self) -> bool:
+        return self._epoll is not None
+
+    def _set_accepting(self, on: bool) -> None:
+        self._accepting = on
+        if not self.config.user_space:
+            return
+        for sock in self.listeners:
+            if sock.fileno() >= 0:
+                self._epoll.modify(sock.fileno(), _IN if on else 0)  # type: ignore[union-attr]
+
+    def _stop_accepting(self) -> None:
+        if self._accepting:
+            self._set_accepting(False)
+        for sock in self.listeners:
+            if sock.fileno() >= 0 and self.config.user_space:
+                self._unregister(sock.fileno())
+        self._close_listeners()
+
+    def _rebuild_targets(self) -> None:
+        self._targets = [
+            w for w in self.workers.values() if w.state == supervisor.READY and not w.full
+        ]
+        self._targets.sort(key=lambda w: w.worker_id)
+        self._update_accepting()
+
+    @property
+    def dispatched_total(self) -> int:
+        """Connections passed to workers (one taken back from a dead worker counts once)."""
+        return self._retired_sent + sum(w.sent for w in self.workers.values())
+
+    # ================================================================ workers
+    def _spawn(self, worker_id: int, replaces: int | None) -> None:
+        primary_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        primary_end.setblocking(False)
+        worker_end.setblocking(False)
+        inherited = [self._epoll.fileno(), self._wake_r, self._wake_w, primary_end.fileno()]  # type: ignore[union-attr]
+        for w in self.workers.values():
+            inherited += [w.fd, w.worker_end.fileno(), w.pidfd]
+        if self.config.user_space:
+            inherited += [s.fileno() for s in self.listeners]
+        if self.health is not None:
+            inherited += self.health.fds()
+        if self._pidfile is not None:
+            inherited += self._pidfile.fds()
+        listeners = [] if self.config.user_space else self.listeners
+        for handler in logging.getLogger().handlers + log.handlers:
+            handler.flush()
+        pid = os.fork()
+        if pid == 0:
+            worker_main(self.config, worker_id, worker_end, listeners, inherited, self.on_worker_start)
+        pidfd = os.pidfd_open(pid)
+        limit = 0
+        if self.config.max_requests:
+            limit = self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
+        worker = WorkerHandle(worker_id, pid, pidfd, primary_end, worker_end, limit)
+        self.workers[pid] = worker
+        self._register(worker.fd, _IN, lambda events, w=worker: self._on_channel(w, events))
+        self._register(pidfd, _IN, lambda events, w=worker: self._on_exit(w))
+        self.supervisor.spawned(worker_id, pid, time.monotonic(), replaces)
+        previous = self._last_pid.get(worker_id)
+        self._last_pid[worker_id] = pid
+        if replaces is not None:
+            log.info("worker %d: started pid %d to take over from pid %d", worker_id, pid, replaces)
+        elif previous is not None and previous not in self.workers:
+            log.info("worker %d: started pid %d, replacing pid %d", worker_id, pid, previous)
+        else:
+            log.info("worker %d: started pid %d", worker_id, pid)
+
+    def _on_channel(self, worker: WorkerHandle, events: int) -> None:
+        if events & _OUT:
+            self._channel_writable(worker)
+        if not events & (_IN | select.EPOLLERR | select.EPOLLHUP):
+            return
+        now = time.monotonic()
+        while True:
+            try:
+                got = _fdpass.recv_fds(worker.fd, 64, 0)
+            except OSError:
+                return
+            if got is None or not got[0]:
+                return
+            try:
+                message = protocol.decode_from(got[0], protocol.TO_PRIMARY)
+            except protocol.ProtocolError as exc:
+                log.error("worker %d (pid %d) broke the protocol (%s); replacing it",
+                          worker.worker_id, worker.pid, exc)
+                self._unregister(worker.fd)
+                self._kill(worker.pid, "exit")
+                return
+            worker.last_seen = now
+            if isinstance(message, protocol.Done):
+                worker.done += message.count
+            elif isinstance(message, protocol.Heartbeat):
+                worker.report = message
+                self.supervisor.heartbeat(worker.pid, now)
+                self._check_recycle(worker, message, now)
+            elif isinstance(message, protocol.Ready):
+                self._on_ready(worker, now)
+
+    def _on_ready(self, worker: WorkerHandle, now: float) -> None:
+        worker.state = supervisor.READY
+        log.info("worker %d (pid %d) ready", worker.worker_id, worker.pid)
+        self._apply(self.supervisor.ready(worker.pid, now))
+        self._rebuild_targets()
+        if self._pending:
+            self._dispatch_pending()
+
+    def _channel_writable(self, worker: WorkerHandle) -> None:
+        self._epoll.modify(worker.fd, _IN)  # type: ignore[union-attr]
+        worker.full = False
+        if worker.drain_unsent:
+            self._send_drain(worker)
+            return
+        self._rebuild_targets()
+        if self._pending:
+            self._dispatch_pending()
+
+    def _check_recycle(self, worker: WorkerHandle, report: protocol.Heartbeat, now: float) -> None:
+        if worker.state != supervisor.READY:
+            return
+        why = None
+        handled = max(worker.sent, report.total)
+        if worker.request_limit and handled >= worker.request_limit:
+            why = f"handled {handled} connections (max_requests {self.config.max_requests})"
+        elif self.config.max_memory and report.rss > self.config.max_memory:
+            why = f"resident memory {report.rss} bytes over max_memory {self.config.max_memory}"
+        if why:
+            actions = self.supervisor.recycle(worker.pid, now, why)
+            if actions:
+                self._count_restart("recycle")
+            self._apply(actions)
+
+    def _on_exit(self, worker: WorkerHandle) -> None:
+        try:
+            _, status = os.waitpid(worker.pid, os.WNOHANG)
+        except ChildProcessError:
+            status = 0
+        how = _describe_exit(status)
+        self._unregister(worker.pidfd)
+        os.close(worker.pidfd)
+        self._unregister(worker.fd)
+        del self.workers[worker.pid]
+        salvaged = self._take_back(worker)
+        self._retired_sent += worker.sent - salvaged
+        worker.channel.close()
+        worker.worker_end.close()
+        self._rebuild_targets()
+        expected = worker.state == supervisor.DRAINING and status == 0
+        level = logging.INFO if expected else logging.WARNING
+        extra = f"; {salvaged} connections it had not read go to other workers" if salvaged else ""
+        log.log(level, "worker %d (pid %d) %s%s", worker.worker_id, worker.pid, how, extra)
+        if not expected and not self.supervisor.stopping:
+            cause = self.supervisor.by_pid.get(worker.pid)
+            kill_cause = cause.kill_cause if cause else None
+            self._count_restart(kill_cause or ("signal" if os.WIFSIGNALED(status) else "exit"))
+        self._apply(self.supervisor.exited(worker.pid, time.monotonic(), how))
+        if self._pending:
+            self._dispatch_pending()
+
+    def _take_back(self, worker: WorkerHandle) -> int:
+        """Connections still unread in a dead worker's channel: keep them for the others."""
+        taken = 0
+        while True:
+            try:
+                got = _fdpass.recv_fds(worker.worker_end.fileno(), 64)
+            except OSError:
+                break
+            if got is None or not got[0]:
+                break
+            fds = got[1]
+            if fds:
+                if self.supervisor.stopping:
+                    for fd in fds:
+                        os.close(fd)
+                    continue
+                self._pending.extend(fds)
+                taken += len(fds)
+        self.stats["salvaged"] += taken
+        return taken
+
+    def _count_restart(self, cause: str) -> None:
+        self.restarts_by_cause[cause] = self.restarts_by_cause.get(cause, 0) + 1
+
+    # ================================================================ actions
+    def _apply(self, actions: list[supervisor.Action]) -> None:
+        for action in actions:
+            if isinstance(action, supervisor.Spawn):
+                self._spawn(action.worker_id, action.replaces)
+            elif isinstance(action, supervisor.Drain):
+                worker = self.workers.get(action.pid)
+                if worker is not None:
+                    worker.state = supervisor.DRAINING
+                    self._rebuild_targets()  # stop sending before asking it to drain
+                    self._send_drain(worker)
+            elif isinstance(action, supervisor.Kill):
+                self._kill(action.pid, action.cause)
+            elif isinstance(action, supervisor.Log):
+                log.log(action.level, action.message)
+            elif isinstance(action, supervisor.Stop):
+                self._running = False
+                self._exit_code = action.code
+
+    def _send_drain(self, worker: WorkerHandle) -> None:
+        try:
+            worker.channel.send(protocol.encode(protocol.Drain()))
+            worker.drain_unsent = False
+        except BlockingIOError:
+            worker.drain_unsent = True  # sent when the channel has room
+            self._epoll.modify(worker.fd, _IN | _OUT)  # type: ignore[union-attr]
+        except OSError as exc:
+            log.warning("worker %d (pid %d): cannot send drain: %s", worker.worker_id, worker.pid, exc)
+            self._kill(worker.pid, "exit")
+
+    def _kill(self, pid: int, cause: str) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    # ================================================================ epoll
+    def _register(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
+        self._epoll.register(fd, events)  # type: ignore[union-attr]
+        self._callbacks[fd] = callback
+
+    def _unregister(self, fd: int) -> None:
+        if self._callbacks.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)  # type: ignore[union-attr]
+
+    # ================================================================ teardown
+    def _close_listeners(self) -> None:
+        for sock in self.listeners:
+            remove_unix_path(sock)
+            sock.close()
+
+    def _cleanup(self) -> None:
+        for worker in list(self.workers.values()):
+            self._kill(worker.pid, "shutdown")
+        for worker in list(self.workers.values()):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(worker.pid, 0)
+            os.close(worker.pidfd)
+            worker.channel.close()
+            worker.worker_end.close()
+        self.workers.clear()
+        if self._pending:
+            _fdpass.close_fds(self._pending)
+            del self._pending[:]
+        self._close_listeners()
+        if self.health is not None:
+            self.health.close()
+        if self._pidfile is not None:
+            self._pidfile.remove()
+        if self._epoll is not None:
+            self._epoll.close()
+        self._restore_signal_handlers()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._callbacks.clear()
+        if self._exit_code:
+            log.critical("dispatch primary %d stopped with exit code %d", os.getpid(), self._exit_code)
+        else:
+            log.info("dispatch primary %d stopped", os.getpid())
+
+
+def _describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = str(signum)
+        return f"was killed by signal {signum} ({name})"
+    return f"exited with code {os.waitstatus_to_exitcode(status)}"
+
+
+def _replace_handler(config: Config, handler: Any) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(config, handler=handler, preload=False)

@@ -1,0 +1,320 @@
+"""The supervisor: which workers should exist, as a pure state machine.
+
+It never touches a process. The primary tells it what happened (a worker was
+spawned, said ready, sent a heartbeat, exited; time passed; a signal asked for
+a reload, a scale change or a shutdown) and gets back a list of actions to
+carry out: ``Spawn``, ``Drain``, ``Kill``, ``Stop``, and ``Log`` lines that say
+why. Everything about restart policy lives here and is tested without
+processes: crash-loop backoff, heartbeat and boot timeouts, rolling restart,
+recycling and scaling.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+BOOTING, READY, DRAINING = "booting", "ready", "draining"
+
+#: Exit code of the primary when workers keep failing to boot.
+EXIT_BOOT_FAILURE = 3
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Fork a worker for slot ``worker_id``; ``replaces`` is the pid it takes over from."""
+
+    worker_id: int
+    replaces: int | None = None
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Stop sending to ``pid`` first, then tell it to finish and exit."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class Kill:
+    """SIGKILL ``pid``; ``cause`` is counted in the restart metrics."""
+
+    pid: int
+    cause: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Every worker is gone: leave the loop and exit with ``code``."""
+
+    code: int
+
+
+@dataclass(frozen=True)
+class Log:
+    level: int
+    message: str
+
+
+Action = Spawn | Drain | Kill | Stop | Log
+
+
+@dataclass
+class WorkerState:
+    """What the supervisor knows of one worker process."""
+
+    worker_id: int
+    pid: int
+    spawned_at: float
+    state: str = BOOTING
+    last_seen: float = 0.0
+    deadline: float | None = None  # boot or drain deadline
+    replaces: int | None = None  # pid of the worker this one takes over from
+    retiring: bool = False  # a replacement is on its way; exit is expected
+    kill_cause: str | None = None
+
+
+@dataclass
+class Slot:
+    """A worker id: survives the processes that fill it."""
+
+    boot_failures: int = 0
+    respawn_at: float | None = None
+    restarts: int = 0
+
+
+@dataclass
+class Supervisor:
+    """Decides which workers to start, drain and kill."""
+
+    workers: int
+    timeout: float = 30.0
+    boot_timeout: float = 30.0
+    graceful_timeout: float = 30.0
+    restart_batch: int = 1
+    max_boot_failures: int = 5
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+
+    by_pid: dict[int, WorkerState] = field(default_factory=dict)
+    slots: dict[int, Slot] = field(default_factory=dict)
+    ever_ready: bool = False
+    stopping: bool = False
+    restart_queue: list[int] = field(default_factory=list)  # old pids still to replace
+    restarting: bool = False
+    reload_pending: bool = False
+    stop_deadline: float | None = None
+    boot_failures_total: int = 0
+    exit_code: int = 0
+
+    # ----------------------------------------------------------- lifecycle
+    def start(self, now: float) -> list[Action]:
+        """The first workers."""
+        self.slots = {i: Slot() for i in range(self.workers)}
+        return [Spawn(i) for i in range(self.workers)]
+
+    def spawned(self, worker_id: int, pid: int, now: float, replaces: int | None = None) -> None:
+        """A ``Spawn`` was carried out: ``pid`` now fills ``worker_id``."""
+        self.slots.setdefault(worker_id, Slot()).respawn_at = None
+        self.by_pid[pid] = WorkerState(
+            worker_id, pid, now, last_seen=now, deadline=now + self.boot_timeout, replaces=replaces
+        )
+
+    def ready(self, pid: int, now: float) -> list[Action]:
+        worker = self.by_pid.get(pid)
+        if worker is None or worker.state != BOOTING:
+            return []
+        worker.state, worker.last_seen, worker.deadline = READY, now, None
+        self.ever_ready = True
+        self.slots[worker.worker_id].boot_failures = 0
+        actions: list[Action] = []
+        if self.stopping:
+            return self._drain(worker, now)
+        if worker.replaces is not None:
+            old = self.by_pid.get(worker.replaces)
+            worker.replaces = None
+            if old is not None and old.state != DRAINING:
+                actions += self._drain(old, now)
+            elif old is None:
+                actions += self._continue_restart(now)
+        return actions
+
+    def heartbeat(self, pid: int, now: float) -> None:
+        worker = self.by_pid.get(pid)
+        if worker is not None:
+            worker.last_seen = now
+
+    def exited(self, pid: int, now: float, how: str) -> list[Action]:
+        """``pid`` is gone; ``how`` says why in words ("exit code 1", "signal 9")."""
+        worker = self.by_pid.pop(pid, None)
+        if worker is None:
+            return []
+        slot = self.slots.setdefault(worker.worker_id, Slot())
+        actions: list[Action] = []
+        if self.stopping:
+            if not self.by_pid:
+                actions.append(Stop(self.exit_code))
+            return actions
+        expected = worker.retiring or worker.state == DRAINING
+        if worker.state == BOOTING and worker.replaces is not None:
+            # A replacement died before it was ready: keep the old worker serving.
+            return self._abort_restart(worker, f"new worker {pid} {how} before it was ready")
+        if expected and worker.worker_id not in self._live_ids() and worker.worker_id < self.workers:
+            # A retiring worker whose replacement is gone too: refill the slot.
+            expected = False
+        if expected:
+            actions += self._continue_restart(now)
+            return actions
+        slot.restarts += 1
+        if worker.state == BOOTING:
+            slot.boot_failures += 1
+            self.boot_failures_total += 1
+            if not self.ever_ready and self.boot_failures_total >= self.max_boot_failures:
+                self.stopping = True
+                self.exit_code = EXIT_BOOT_FAILURE
+                actions.append(Log(logging.CRITICAL, f"workers failed to boot {self.boot_failures_total} times and none ever became ready; stopping"))
+                actions += [Kill(p, "shutdown") for p in self.by_pid]
+                if not self.by_pid:
+                    actions.append(Stop(EXIT_BOOT_FAILURE))
+                return actions
+            delay = min(self.backoff_max, self.backoff_base * 2 ** (slot.boot_failures - 1))
+            slot.respawn_at = now + delay
+            actions.append(Log(logging.WARNING, f"worker {worker.worker_id} (pid {pid}) {how} during boot; retrying in {delay:g}s"))
+            return actions
+        if worker.worker_id < self.workers:
+            actions.append(Spawn(worker.worker_id))
+        return actions
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed: enforce heartbeat, boot and drain deadlines; respawn after backoff."""
+        actions: list[Action] = []
+        for worker in list(self.by_pid.values()):
+            if worker.kill_cause is not None:
+                continue
+            if worker.state == READY and now - worker.last_seen > self.timeout:
+                actions += self._kill(worker, "timeout", f"worker {worker.worker_id} (pid {worker.pid}) sent no heartbeat for {now - worker.last_seen:.1f}s (timeout {self.timeout:g}s); killing it")
+            elif worker.deadline is not None and now > worker.deadline:
+                what = "became ready" if worker.state == BOOTING else "finished draining"
+                cause = "timeout" if worker.state == BOOTING else "drain"
+                actions += self._kill(worker, cause, f"worker {worker.worker_id} (pid {worker.pid}) has not {what} in time; killing it")
+        if not self.stopping:
+            for worker_id, slot in self.slots.items():
+                if slot.respawn_at is not None and now >= slot.respawn_at:
+                    slot.respawn_at = None
+                    if worker_id < self.workers and worker_id not in self._live_ids():
+                        actions.append(Spawn(worker_id))
+        return actions
+
+    # --------------------------------------------------------- operations
+    def shutdown(self, now: float, graceful: bool = True) -> list[Action]:
+        """SIGTERM/SIGINT (graceful) or SIGQUIT (fast)."""
+        if self.stopping and graceful:
+            return []
+        self.stopping = True
+        self.restart_queue.clear()
+        for slot in self.slots.values():
+            slot.respawn_at = None
+        if not self.by_pid:
+            return [Stop(0)]
+        actions: list[Action] = []
+        for worker in list(self.by_pid.values()):
+            if graceful:
+                if worker.state != DRAINING:
+                    actions += self._drain(worker, now)
+            else:
+                actions += self._kill(worker, "shutdown", None)
+        return actions
+
+    def reload(self, now: float) -> list[Action]:
+        """SIGHUP/SIGUSR2: replace every worker, ``restart_batch`` at a time."""
+        if self.stopping:
+            return []
+        if self.restarting:
+            self.reload_pending = True
+            return [Log(logging.WARNING, "rolling restart already in progress; another one will follow it")]
+        self.restarting = True
+        self.restart_queue = sorted(
+            (w.pid for w in self.by_pid.values() if w.state != DRAINING and not w.retiring),
+            key=lambda pid: self.by_pid[pid].worker_id,
+        )
+        return [Log(logging.INFO, f"rolling restart of {len(self.restart_queue)} workers started")] + self._continue_restart(now)
+
+    def recycle(self, pid: int, now: float, why: str) -> list[Action]:
+        """Retire one worker gracefully: its replacement is ready before it drains."""
+        worker = self.by_pid.get(pid)
+        if worker is None or worker.state != READY or worker.retiring or self.stopping:
+            return []
+        worker.retiring = True
+        self.slots[worker.worker_id].restarts += 1
+        return [Log(logging.INFO, f"recycling worker {worker.worker_id} (pid {pid}): {why}"), Spawn(worker.worker_id, pid)]
+
+    def scale(self, delta: int, now: float) -> list[Action]:
+        """SIGTTIN (+1) / SIGTTOU (-1); never below one worker."""
+        if self.stopping:
+            return []
+        if delta > 0:
+            self.workers += delta
+            new_ids = [i for i in range(self.workers) if i not in self._live_ids()]
+            for i in new_ids:
+                self.slots.setdefault(i, Slot())
+            return [Log(logging.INFO, f"scaling up to {self.workers} workers")] + [Spawn(i) for i in new_ids]
+        if self.workers <= 1:
+            return [Log(logging.WARNING, "already at one worker; not scaling down")]
+        self.workers -= 1
+        actions: list[Action] = [Log(logging.INFO, f"scaling down to {self.workers} workers")]
+        for worker in list(self.by_pid.values()):
+            if worker.worker_id >= self.workers and worker.state != DRAINING:
+                actions += self._drain(worker, now) if worker.state == READY else self._kill(worker, "scale", None)
+        return actions
+
+    # ----------------------------------------------------------- queries
+    def live(self) -> list[WorkerState]:
+        return sorted(self.by_pid.values(), key=lambda w: (w.worker_id, w.spawned_at))
+
+    def _live_ids(self) -> set[int]:
+        return {w.worker_id for w in self.by_pid.values() if not w.retiring and w.state != DRAINING}
+
+    # ----------------------------------------------------------- internals
+    def _drain(self, worker: WorkerState, now: float) -> list[Action]:
+        worker.state = DRAINING
+        worker.deadline = now + self.graceful_timeout
+        return [Drain(worker.pid)]
+
+    def _kill(self, worker: WorkerState, cause: str, message: str | None) -> list[Action]:
+        worker.kill_cause = cause
+        actions: list[Action] = [Kill(worker.pid, cause)]
+        if message:
+            actions.insert(0, Log(logging.WARNING, message))
+        return actions
+
+    def _continue_restart(self, now: float) -> list[Action]:
+        if not self.restarting:
+            return []
+        in_flight = sum(1 for w in self.by_pid.values() if w.retiring or w.replaces is not None)
+        actions: list[Action] = []
+        while self.restart_queue and in_flight < self.restart_batch:
+            old = self.by_pid.get(self.restart_queue.pop(0))
+            if old is None or old.state == DRAINING:
+                continue
+            old.retiring = True
+            in_flight += 1
+            actions.append(Spawn(old.worker_id, old.pid))
+        if not self.restart_queue and in_flight == 0:
+            self.restarting = False
+            actions.append(Log(logging.INFO, "rolling restart complete"))
+            if self.reload_pending:
+                self.reload_pending = False
+                actions += self.reload(now)
+        return actions
+
+    def _abort_restart(self, new: WorkerState, why: str) -> list[Action]:
+        old = self.by_pid.get(new.replaces) if new.replaces is not None else None
+        if old is not None:
+            old.retiring = False
+        was_rolling = self.restarting
+        self.restarting = False
+        self.reload_pending = False
+        self.restart_queue.clear()
+        what = "rolling restart aborted" if was_rolling else "replacement failed"
+        return [Log(logging.ERROR, f"{what}: {why}; the old workers keep serving")]
+

@@ -1,0 +1,393 @@
+"""The worker process: take connections, run the handler, report on the channel.
+
+A worker is forked by the primary and runs an asyncio loop. Connections arrive
+either as descriptors on its control channel (user-space balancing) or from a
+listener it accepts on itself (kernel balancing). Plain handlers run in a pool
+of ``threads`` threads; coroutine handlers run on the loop.
+
+In user-space modes a worker with plain handlers reads its channel only while
+it has an idle thread, so connections it could not start yet stay in the
+channel. The primary keeps its own reference to the worker's end of the
+channel, and takes back whatever is still unread there if the worker dies.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import importlib
+import inspect
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NoReturn
+
+import psutil
+
+from dispatch import _fdpass, protocol
+from dispatch.config import Config, Handler
+
+log = logging.getLogger("dispatch.worker")
+
+#: Exit codes a worker uses, so the primary's log can say what happened.
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_BOOT_ERROR = 3
+
+_PRIMARY_SIGNALS = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+
+
+class HandlerImportError(ImportError):
+    """The handler's import string could not be resolved in the worker."""
+
+
+def load_handler(handler: Handler) -> Callable[..., Any]:
+    """Resolve ``"package.module:attr"`` to the object, or return ``handler`` as is."""
+    if not isinstance(handler, str):
+        return handler
+    module_name, _, attr_path = handler.partition(":")
+    module = importlib.import_module(module_name)
+    target: Any = module
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise HandlerImportError(f"module {module_name!r} has no attribute {attr_path!r}") from None
+    if not callable(target):
+        raise HandlerImportError(f"{handler!r} is not callable")
+    return target
+
+
+def is_async_handler(handler: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
+    )
+
+
+def worker_main(
+    config: Config,
+    worker_id: int,
+    channel: socket.socket,
+    listeners: list[socket.socket],
+    inherited_fds: list[int],
+    on_start: Callable[[int], None] | None = None,
+) -> NoReturn:
+    """Run a worker in a freshly forked child; never returns."""
+    code = EXIT_CRASH
+    try:
+        _reset_process(worker_id, inherited_fds)
+        if on_start is not None:
+            on_start(worker_id)
+        try:
+            handler = load_handler(config.handler)
+        except BaseException:
+            log.exception("worker %d (pid %d) cannot load handler %r", worker_id, os.getpid(), config.handler)
+            code = EXIT_BOOT_ERROR
+        else:
+            code = Worker(config, worker_id, channel, listeners, handler).run()
+    except BaseException:
+        log.exception("worker %d (pid %d) crashed", worker_id, os.getpid())
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _reset_process(worker_id: int, inherited_fds: list[int]) -> None:
+    """Undo what the fork copied from the primary that a worker must not keep."""
+    signal.set_wakeup_fd(-1)  # the primary's wakeup pipe
+    for signum in _PRIMARY_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the primary coordinates the stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    primary = os.getppid()
+    _fdpass.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != primary:  # the primary died before the line above
+        os._exit(EXIT_CRASH)
+    for fd in inherited_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        pass
+    else:
+        setproctitle(f"dispatch: worker {worker_id}")
+
+
+class Worker:
+    """One worker's event loop. ``run()`` returns the process exit code."""
+
+    def __init__(
+        self,
+        config: Config,
+        worker_id: int,
+        channel: socket.socket,
+        listeners: list[socket.socket],
+        handler: Callable[..., Any],
+    ) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.channel = channel
+        self.listeners = listeners
+        self.handler = handler
+        self.is_async = is_async_handler(handler)
+        self.user_space = config.user_space
+        self.report_done = self.user_space and _needs_loads(config)
+        self.active = 0
+        self.total = 0
+        self.dropped = 0
+        self.draining = False
+        self.unreported_done = 0
+        self._flush_scheduled = False
+        self._paused = False
+        self._exit_code = EXIT_OK
+        self._accept_buf = array.array("i", bytes(4 * 64))
+        self._process = psutil.Process()
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop
+        self._finished: asyncio.Future[int]
+
+    # ------------------------------------------------------------- running
+    def run(self) -> int:
+        return asyncio.run(self._main())
+
+    async def _main(self) -> int:
+        self._loop = loop = asyncio.get_running_loop()
+        self._finished = loop.create_future()
+        if not self.is_async:
+            self._executor = ThreadPoolExecutor(self.config.threads, thread_name_prefix="dispatch-handler")
+        loop.add_signal_handler(signal.SIGTERM, self.begin_drain, "SIGTERM")
+        loop.add_signal_handler(signal.SIGQUIT, self._finish, EXIT_OK)
+        self.channel.setblocking(False)
+        if not self.user_space and self.config.balance == "reuseport":
+            self.listeners = [_reuseport_listener(sock, self.config.backlog) for sock in self.listeners]
+        for sock in self.listeners:
+            sock.setblocking(False)
+        if not self.user_space:
+            loop.add_reader(self.channel.fileno(), self._on_channel)  # control only
+        self._resume()
+        self._send(protocol.Ready())
+        self._heartbeat()
+        log.debug("worker %d (pid %d) ready", self.worker_id, os.getpid())
+        try:
+            return await self._finished
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------- taking work
+    def _has_capacity(self) -> bool:
+        if self.draining:
+            return False
+        return self.is_async or self.active < self.config.threads
+
+    def _resume(self) -> None:
+        """Take connections again: from the channel (user-space) or the listeners (kernel)."""
+        self._paused = False
+        if self.user_space:
+            self._loop.add_reader(self.channel.fileno(), self._on_channel)
+        else:
+            for sock in self.listeners:
+                self._loop.add_reader(sock.fileno(), self._on_accept, sock)
+
+    def _pause(self) -> None:
+        self._paused = True
+        if self.user_space:
+            self._loop.remove_reader(self.channel.fileno())
+        else:
+            for sock in self.listeners:
+                self._loop.remove_reader(sock.fileno())
+
+    def _on_channel(self) -> None:
+        # In user-space modes connections wait in the channel until there is room.
+        while True:
+            got = _fdpass.recv_fds(self.channel.fileno(), 64)
+            if got is None:
+                return
+            data, fds, flags = got
+            if not data:
+                self.begin_drain("the primary closed the channel")
+                return
+            try:
+                message = protocol.decode_from(data, protocol.TO_WORKER)
+            except protocol.ProtocolError as exc:
+                for fd in fds:
+                    os.close(fd)
+                log.error("worker %d: bad message from the primary: %s", self.worker_id, exc)
+                continue
+            if isinstance(message, protocol.Fds):
+                if flags & _fdpass.CTRUNC or len(fds) != message.count:
+                    lost = message.count - len(fds)
+                    self.dropped += lost
+                    log.error("worker %d: %d descriptors were dropped in transit (RLIMIT_NOFILE?)", self.worker_id, lost)
+                for fd in fds:
+                    self._start(fd)
+                if self.user_space and not self._has_capacity():
+                    self._pause()
+                    return
+            elif isinstance(message, protocol.Drain):
+                self.begin_drain("asked by the primary")
+                return
+
+    def _on_accept(self, sock: socket.socket) -> None:
+        limit = 64 if self.is_async else max(0, self.config.threads - self.active)
+        try:
+            count = _fdpass.accept_batch(sock.fileno(), self._accept_buf, limit)
+        except OSError as exc:
+            log.warning("worker %d: accept failed: %s", self.worker_id, exc)
+            return
+        for i in range(count):
+            self._start(self._accept_buf[i])
+        if not self._has_capacity() and not self._paused:
+            self._pause()
+
+    # ---------------------------------------------------- running handlers
+    def _start(self, fd: int) -> None:
+        self.active += 1
+        if self.is_async:
+            self._loop.create_task(self._serve_async(fd))
+        else:
+            assert self._executor is not None
+            future = self._executor.submit(self._serve_sync, fd)
+            future.add_done_callback(self._completed_in_thread)
+
+    def _serve_sync(self, fd: int) -> None:
+        conn = socket.socket(fileno=fd)
+        addr: Any = None
+        try:
+            conn.setblocking(True)
+            addr = _peer(conn)
+            self.handler(conn, addr)
+        except Exception:
+            log.exception("worker %d: handler raised for connection from %s", self.worker_id, addr)
+        finally:
+            conn.close()
+
+    def _completed_in_thread(self, future: Future[None]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._completed)
+        except RuntimeError:  # the loop is closed: the worker is exiting
+            pass
+
+    async def _serve_async(self, fd: int) -> None:
+        addr: Any = None
+        try:
+            sock = socket.socket(fileno=fd)
+            addr = _peer(sock)
+            reader, writer = await asyncio.open_connection(sock=sock)
+            try:
+                await self.handler(reader, writer)
+            except Exception:
+                log.exception("worker %d: handler raised for connection from %s", self.worker_id, addr)
+            finally:
+                writer.close()
+                try:
+                    await writer.wait_closed()
+                except (OSError, asyncio.CancelledError):
+                    pass
+        except OSError as exc:
+            log.debug("worker %d: connection from %s failed: %s", self.worker_id, addr, exc)
+        finally:
+            self._completed()
+
+    def _completed(self) -> None:
+        self.active -= 1
+        self.total += 1
+        if self.report_done:
+            self.unreported_done += 1
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush_done)
+        if self.draining:
+            self._maybe_finish()
+        elif self._paused and self._has_capacity():
+            self._resume()
+
+    def _flush_done(self) -> None:
+        # One message per loop iteration, however many connections finished.
+        self._flush_scheduled = False
+        if self.unreported_done and self._send(protocol.Done(self.unreported_done)):
+            self.unreported_done = 0
+
+    # ------------------------------------------------------- control channel
+    def _send(self, message: protocol.Message) -> bool:
+        try:
+            self.channel.send(protocol.encode(message))
+        except BlockingIOError:
+            return False  # the primary is busy; the next report carries the news
+        except OSError as exc:
+            if not self.draining:
+                self.begin_drain(f"the control channel failed: {exc}")
+            return False
+        return True
+
+    def _heartbeat(self) -> None:
+        if self._finished.done():
+            return
+        cpu = os.times()
+        rss = self._process.memory_info().rss
+        self._send(protocol.Heartbeat(self.active, self.total, rss, int((cpu.user + cpu.system) * 1000)))
+        self._flush_done()
+        self._loop.call_later(self.config.heartbeat_interval, self._heartbeat)
+
+    # --------------------------------------------------------------- stop
+    def begin_drain(self, why: str) -> None:
+        """Take no new connections, finish the ones in hand, then exit 0."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("worker %d (pid %d) draining: %s; %d connections in flight", self.worker_id, os.getpid(), why, self.active)
+        if not self._paused:
+            self._pause()
+        if not self.user_space:
+            self._loop.remove_reader(self.channel.fileno())
+            for sock in self.listeners:
+                sock.close()
+        self._loop.call_later(self.config.graceful_timeout, self._finish, EXIT_OK)
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.active == 0:
+            self._flush_done()
+            self._finish(EXIT_OK)
+
+    def _finish(self, code: int) -> None:
+        if not self._finished.done():
+            self._finished.set_result(code)
+
+
+def _needs_loads(config: Config) -> bool:
+    from dispatch.balance import make_policy
+
+    policy = make_policy(config.balance) if isinstance(config.balance, str) else config.balance
+    return bool(policy.needs_loads)
+
+
+def _peer(sock: socket.socket) -> Any:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+
+
+def _reuseport_listener(reserved: socket.socket, backlog: int) -> socket.socket:
+    """This worker's own SO_REUSEPORT listener on the address the primary reserved."""
+    address = reserved.getsockname()
+    sock = socket.socket(reserved.family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if reserved.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind(address)
+    sock.listen(backlog)
+    reserved.close()
+    return sock
