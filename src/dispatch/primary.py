@@ -373,10 +373,25 @@ class Server:
     def _stop_accepting(self) -> None:
         if self._accepting:
             self._set_accepting(False)
+        if self.config.user_space:
+            self._accept_backlog()
         for sock in self.listeners:
             if sock.fileno() >= 0 and self.config.user_space:
                 self._unregister(sock.fileno())
         self._close_listeners()
+
+    def _accept_backlog(self) -> None:
+        """Take the connections that completed their handshake before we stopped: they are
+        served, not reset. Bounded: at most one backlog's worth per listener."""
+        for sock in self.listeners:
+            for _ in range(max(1, self.config.backlog // len(self._accept_buf))):
+                try:
+                    count = _fdpass.accept_batch(sock.fileno(), self._accept_buf)
+                except OSError:
+                    break
+                if not count:
+                    break
+                self._pending.extend(self._accept_buf[:count])
 
     def _rebuild_targets(self) -> None:
         self._targets = [

@@ -1,0 +1,56 @@
+"""Handlers the integration tests serve. Each answers with the pid that handled it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+
+def _response(body: str) -> bytes:
+    data = body.encode()
+    return b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
+
+
+def _read_head(conn: socket.socket) -> bytes:
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) < 65536:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        head += chunk
+    return head
+
+
+def _delay(head: bytes) -> float:
+    # "GET /sleep/1500 ..." sleeps 1.5 s before answering, and says so in the log.
+    parts = head.split(b" ")
+    if len(parts) > 1 and parts[1].startswith(b"/sleep/"):
+        delay = int(parts[1][len(b"/sleep/") :]) / 1000
+        if delay >= 0.5:
+            logging.getLogger("dispatch.tests").info("pid %d sleeping %.1fs", os.getpid(), delay)
+        return delay
+    return 0.0
+
+
+def pid_app(conn: socket.socket, addr: Any) -> None:
+    head = _read_head(conn)
+    time.sleep(_delay(head))
+    conn.sendall(_response(f"pid {os.getpid()}"))
+
+
+async def async_pid_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    await asyncio.sleep(_delay(head))
+    writer.write(_response(f"pid {os.getpid()} async"))
+    await writer.drain()
+
+
+def raising_app(conn: socket.socket, addr: Any) -> None:
+    head = _read_head(conn)
+    if b"/raise" in head:
+        raise RuntimeError("boom from the handler")
+    conn.sendall(_response(f"pid {os.getpid()}"))
