@@ -54,3 +54,20 @@ def raising_app(conn: socket.socket, addr: Any) -> None:
     if b"/raise" in head:
         raise RuntimeError("boom from the handler")
     conn.sendall(_response(f"pid {os.getpid()}"))
+
+
+def garbage_app(conn: socket.socket, addr: Any) -> None:
+    """Writes garbage onto this worker's control channel (a protocol violation)."""
+    head = _read_head(conn)
+    if b"/ok" not in head:
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                sock = socket.socket(fileno=int(fd))
+            except OSError:
+                continue
+            try:
+                if sock.type == socket.SOCK_SEQPACKET:
+                    sock.send(b"\xffgarbage")
+            finally:
+                sock.detach()
+    conn.sendall(_response(f"pid {os.getpid()}"))

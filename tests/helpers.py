@@ -95,7 +95,7 @@ class ServerProcess:
         return wait_for(lambda: self._ready_pids(count), timeout, what=f"{count} ready workers")
 
     def _ready_pids(self, count: int) -> list[int] | None:
-        pids = [int(p) for p in re.findall(r"\(pid (\d+)\) ready", self.log())]
+        pids = dict.fromkeys(int(p) for p in re.findall(r"\(pid (\d+)\) ready", self.log()))
         live = [p for p in pids if p in self.workers()]
         return live if len(live) >= count else None
 

@@ -48,7 +48,7 @@ class WorkerHandle:
 
     __slots__ = (
         "worker_id", "pid", "pidfd", "channel", "worker_end", "fd", "state", "sent", "done",
-        "full", "drain_unsent", "report", "last_seen", "started_at", "request_limit",
+        "full", "drain_unsent", "report", "last_seen", "started_at", "request_limit", "max_batch",
     )
 
     def __init__(self, worker_id: int, pid: int, pidfd: int, channel: socket.socket,
@@ -68,6 +68,7 @@ class WorkerHandle:
         self.started_at = time.time()
         self.last_seen = time.monotonic()
         self.request_limit = request_limit
+        self.max_batch = _fdpass.SCM_MAX_FD  # descriptors per message; the worker says in Ready
 
 
 class Server:
@@ -98,6 +99,7 @@ class Server:
         self.started_at = time.time()
         self.stats = {"salvaged": 0, "backpressure": 0, "accept_errors": 0}
         self._retired_sent = 0  # connections passed to workers that have exited
+        self._over_limit: list[WorkerHandle] = []  # workers past max_requests, to recycle
         self.restarts_by_cause: dict[str, int] = {}
         self._targets: list[WorkerHandle] = []
         self._accept_buf = array.array("i", bytes(4 * self.config.accept_batch))
@@ -305,8 +307,9 @@ class Server:
             if sum(shares) != count:
                 raise ValueError(f"balancing policy assigned {sum(shares)} of {count} connections")
             for worker, share in zip(targets, shares, strict=True):
+                limit = worker.max_batch
                 while share:
-                    chunk = share if share <= 253 else 253
+                    chunk = share if share <= limit else limit
                     try:
                         sent = send(worker.fd, buf, start, chunk, messages[chunk], dontwait, True)
                     except OSError as exc:
@@ -316,10 +319,22 @@ class Server:
                         self._backpressure(worker)
                         break
                     worker.sent += chunk
+                    if worker.request_limit and worker.sent >= worker.request_limit:
+                        self._over_limit.append(worker)
                     start += chunk
                     count -= chunk
                     share -= chunk
+        if self._over_limit:
+            self._recycle_over_limit()
         return start, count
+
+    def _recycle_over_limit(self) -> None:
+        over, self._over_limit = self._over_limit, []
+        now = time.monotonic()
+        for worker in over:
+            if worker.request_limit and worker.pid in self.workers:
+                worker.request_limit = 0  # asked once is enough
+                self._recycle(worker, now, f"passed {worker.sent} connections (max_requests {self.config.max_requests})")
 
     def _dispatch_pending(self) -> None:
         start, left = self._dispatch(self._pending, 0, len(self._pending))
@@ -415,6 +430,7 @@ class Server:
             inherited += [w.fd, w.worker_end.fileno(), w.pidfd]
         if self.config.user_space:
             inherited += [s.fileno() for s in self.listeners]
+        inherited += self._pending  # a child holding a copy would keep those connections open
         if self.health is not None:
             inherited += self.health.fds()
         if self._pidfile is not None:
@@ -472,6 +488,7 @@ class Server:
                 self.supervisor.heartbeat(worker.pid, now)
                 self._check_recycle(worker, message, now)
             elif isinstance(message, protocol.Ready):
+                worker.max_batch = max(1, min(message.max_batch, _fdpass.SCM_MAX_FD))
                 self._on_ready(worker, now)
 
     def _on_ready(self, worker: WorkerHandle, now: float) -> None:
@@ -493,19 +510,18 @@ class Server:
             self._dispatch_pending()
 
     def _check_recycle(self, worker: WorkerHandle, report: protocol.Heartbeat, now: float) -> None:
-        if worker.state != supervisor.READY:
-            return
-        why = None
-        handled = max(worker.sent, report.total)
-        if worker.request_limit and handled >= worker.request_limit:
-            why = f"handled {handled} connections (max_requests {self.config.max_requests})"
+        """Kernel modes count connections in heartbeats; memory is checked in every mode."""
+        if worker.request_limit and report.total >= worker.request_limit:
+            worker.request_limit = 0
+            self._recycle(worker, now, f"handled {report.total} connections (max_requests {self.config.max_requests})")
         elif self.config.max_memory and report.rss > self.config.max_memory:
-            why = f"resident memory {report.rss} bytes over max_memory {self.config.max_memory}"
-        if why:
-            actions = self.supervisor.recycle(worker.pid, now, why)
-            if actions:
-                self._count_restart("recycle")
-            self._apply(actions)
+            self._recycle(worker, now, f"resident memory {report.rss} bytes is over max_memory {self.config.max_memory}")
+
+    def _recycle(self, worker: WorkerHandle, now: float, why: str) -> None:
+        actions = self.supervisor.recycle(worker.pid, now, why)
+        if actions:
+            self._count_restart("recycle")
+        self._apply(actions)
 
     def _on_exit(self, worker: WorkerHandle) -> None:
         try:
@@ -522,6 +538,8 @@ class Server:
         worker.channel.close()
         worker.worker_end.close()
         self._rebuild_targets()
+        if self._pending:
+            self._dispatch_pending()
         expected = worker.state == supervisor.DRAINING and status == 0
         level = logging.INFO if expected else logging.WARNING
         extra = f"; {salvaged} connections it had not read go to other workers" if salvaged else ""

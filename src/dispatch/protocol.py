@@ -49,10 +49,17 @@ class Drain:
 
 @dataclass(frozen=True)
 class Ready:
-    """Worker -> primary: booted (handler imported, listener bound) and serving."""
+    """Worker -> primary: booted (handler imported, listener bound) and serving.
+
+    ``max_batch`` is the most descriptors the worker wants in one message: its
+    thread count for plain handlers, so that a connection it cannot start yet
+    stays in the channel (and is re-dispatched if the worker dies), or
+    SCM_MAX_FD for coroutine handlers, which start everything at once.
+    """
 
     TYPE: ClassVar[int] = 3
-    BODY: ClassVar[struct.Struct] = struct.Struct("")
+    BODY: ClassVar[struct.Struct] = struct.Struct("!H")
+    max_batch: int = 253
 
 
 @dataclass(frozen=True)
@@ -132,4 +139,6 @@ _FDS_CACHE = [encode(Fds(n)) for n in range(254)]
 
 def encode_fds(count: int) -> bytes:
     """The ``Fds`` datagram for ``count`` descriptors (cached, for the hot path)."""
+    if not 0 <= count < len(_FDS_CACHE):
+        raise ValueError(f"an Fds message carries 0..{len(_FDS_CACHE) - 1} descriptors, not {count}")
     return _FDS_CACHE[count]

@@ -155,12 +155,19 @@ class Supervisor:
             if not self.by_pid:
                 actions.append(Stop(self.exit_code))
             return actions
-        expected = worker.retiring or worker.state == DRAINING
-        if worker.state == BOOTING and worker.replaces is not None:
-            # A replacement died before it was ready: keep the old worker serving.
-            return self._abort_restart(worker, f"new worker {pid} {how} before it was ready")
+        scaled_away = worker.kill_cause == "scale"
+        expected = worker.retiring or worker.state == DRAINING or scaled_away
+        successor = next((w for w in self.by_pid.values() if w.replaces == pid), None)
+        if worker.state == BOOTING and worker.replaces is not None and not scaled_away:
+            if successor is not None:
+                # It was being replaced itself: its successor takes over from the old worker.
+                successor.replaces = worker.replaces
+            else:
+                # A replacement died before it was ready: keep the old worker serving...
+                actions += self._abort_restart(worker, f"new worker {pid} {how} before it was ready")
+            expected = True
         if expected and worker.worker_id not in self._live_ids() and worker.worker_id < self.workers:
-            # A retiring worker whose replacement is gone too: refill the slot.
+            # ...unless it is gone too: refill the slot.
             expected = False
         if expected:
             actions += self._continue_restart(now)
@@ -215,7 +222,7 @@ class Supervisor:
         for slot in self.slots.values():
             slot.respawn_at = None
         if not self.by_pid:
-            return [Stop(0)]
+            return [Stop(self.exit_code)]
         actions: list[Action] = []
         for worker in list(self.by_pid.values()):
             if graceful:
@@ -234,7 +241,8 @@ class Supervisor:
             return [Log(logging.WARNING, "rolling restart already in progress; another one will follow it")]
         self.restarting = True
         self.restart_queue = sorted(
-            (w.pid for w in self.by_pid.values() if w.state != DRAINING and not w.retiring),
+            (w.pid for w in self.by_pid.values()
+             if w.state != DRAINING and not w.retiring and w.worker_id < self.workers),
             key=lambda pid: self.by_pid[pid].worker_id,
         )
         return [Log(logging.INFO, f"rolling restart of {len(self.restart_queue)} workers started")] + self._continue_restart(now)
@@ -244,6 +252,8 @@ class Supervisor:
         worker = self.by_pid.get(pid)
         if worker is None or worker.state != READY or worker.retiring or self.stopping:
             return []
+        if worker.worker_id >= self.workers:
+            return []  # scaled away: it is being killed, not replaced
         worker.retiring = True
         self.slots[worker.worker_id].restarts += 1
         return [Log(logging.INFO, f"recycling worker {worker.worker_id} (pid {pid}): {why}"), Spawn(worker.worker_id, pid)]
@@ -290,12 +300,15 @@ class Supervisor:
     def _continue_restart(self, now: float) -> list[Action]:
         if not self.restarting:
             return []
-        in_flight = sum(1 for w in self.by_pid.values() if w.retiring or w.replaces is not None)
+        # Replacements in flight, counted by the pid they replace: the old
+        # worker (retiring) and its new one (replaces) are one, not two.
+        in_flight = len({w.pid for w in self.by_pid.values() if w.retiring}
+                        | {w.replaces for w in self.by_pid.values() if w.replaces is not None})
         actions: list[Action] = []
         while self.restart_queue and in_flight < self.restart_batch:
             old = self.by_pid.get(self.restart_queue.pop(0))
-            if old is None or old.state == DRAINING:
-                continue
+            if old is None or old.state == DRAINING or old.worker_id >= self.workers:
+                continue  # gone, or on its way out after a scale-down
             old.retiring = True
             in_flight += 1
             actions.append(Spawn(old.worker_id, old.pid))

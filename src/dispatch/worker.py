@@ -175,9 +175,9 @@ class Worker:
         if not self.user_space:
             loop.add_reader(self.channel.fileno(), self._on_channel)  # control only
         self._resume()
-        self._send(protocol.Ready())
+        max_batch = _fdpass.SCM_MAX_FD if self.is_async else min(self.config.threads, _fdpass.SCM_MAX_FD)
+        self._send(protocol.Ready(max_batch))
         self._heartbeat()
-        log.debug("worker %d (pid %d) ready", self.worker_id, os.getpid())
         try:
             return await self._finished
         finally:

@@ -1,0 +1,125 @@
+"""Supervision with real processes: dead, hung and crash-looping workers, recycling."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from tests.helpers import ROOT, Load, ServerProcess, pid_alive, request, wait_for
+
+
+def _salvaged(log: str) -> int:
+    return sum(int(n) for n in re.findall(r"; (\d+) connections it had not read", log))
+
+
+def test_killed_worker_loses_only_what_it_was_handling() -> None:
+    # Two workers with one thread each and a 40 ms handler under 16 clients: most
+    # connections wait in the workers' channels, where a dead worker leaves them.
+    kills = 5
+    with ServerProcess(workers=2, threads=1) as server:
+        server.wait_ready(2)
+        load = Load(server.address, clients=16, path="/sleep/40", max_requests=5000, max_seconds=60)
+        try:
+            load.wait_requests(40)
+            for _ in range(kills):
+                victim = server.workers()[0]
+                time.sleep(0.3)
+
+                os.kill(victim, signal.SIGKILL)
+                wait_for(lambda v=victim: len(server.workers()) == 2 and v not in server.workers(),
+                         timeout=10, what="replacement worker")
+                server.wait_ready(2)
+            time.sleep(0.5)
+        finally:
+            load.stop()
+        log = server.log()
+    # Each killed worker held one connection in its handler thread, and at most the
+    # rest of the one message it had just read; everything queued behind was re-sent.
+    assert len(load.failed) <= kills * 2, load.failed
+    assert _salvaged(log) > 0, "no queued connection was taken back"
+    assert log.count("was killed by signal 9 (SIGKILL)") == kills
+    assert len(re.findall(r"worker \d: started pid \d+, replacing pid \d+", log)) == kills
+    assert load.ok > 100
+
+
+def test_stopped_worker_is_killed_after_timeout_and_its_queue_answered() -> None:
+    with ServerProcess(workers=2, timeout=2) as server:
+        workers = server.wait_ready(2)
+        victim = workers[0]
+
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            # Round-robin keeps sending to the stopped worker: those wait in its channel.
+            load = Load(server.address, clients=4, max_requests=40, max_seconds=30)
+            load.wait_requests(40, timeout=30)
+            load.stop()
+            elapsed = time.monotonic() - started
+        finally:
+            if pid_alive(victim):
+                os.kill(victim, signal.SIGCONT)
+        assert not pid_alive(victim)
+        assert load.failed == [] and load.ok == 40
+        log = server.log()
+        assert "sent no heartbeat" in log
+        assert _salvaged(log) > 0
+        assert elapsed < 10
+
+
+def test_worker_garbage_on_the_channel_gets_it_replaced() -> None:
+    # The handler writes garbage on its own worker's control channel.
+    with ServerProcess("tests.apps:garbage_app", workers=2) as server:
+        server.wait_ready(2)
+        try:
+            request(server.address, "/")
+        except OSError:
+            pass
+        wait_for(lambda: "broke the protocol" in server.log(), what="protocol error logged")
+        wait_for(lambda: "replacing pid" in server.log(), what="replacement")
+        server.wait_ready(2)
+        for _ in range(10):
+            assert "pid" in request(server.address, "/ok")
+
+
+def test_import_error_makes_the_cli_exit_nonzero_with_the_error() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "dispatch", "tests.broken_app:app", "--workers", "2",
+         "--bind", "127.0.0.1:0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "broken_app refuses to import" in out.stderr
+    assert "retrying in" in out.stderr  # backed off between attempts
+    assert "failed to boot" in out.stderr
+
+
+def test_recycling_by_max_requests_drops_nothing() -> None:
+    with ServerProcess(workers=2, max_requests=60, max_requests_jitter=20) as server:
+        server.wait_ready(2)
+        load = Load(server.address, clients=4, max_requests=800, max_seconds=60)
+        load.wait_requests(800, timeout=60)
+        load.stop()
+        assert load.failed == []
+        assert len(load.pids) > 2  # workers were replaced along the way
+        assert "recycling worker" in server.log()
+
+
+def test_many_worker_restarts_leak_no_descriptors_or_zombies() -> None:
+
+    with ServerProcess(workers=2) as server:
+        server.wait_ready(2)
+        baseline = len(os.listdir(f"/proc/{server.pid}/fd"))
+        for _ in range(30):
+            victim = server.workers()[0]
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda v=victim: v not in server.workers() and len(server.workers()) == 2,
+                     what="replacement")
+        server.wait_ready(2)
+        assert "pid" in request(server.address)
+        wait_for(lambda: len(os.listdir(f"/proc/{server.pid}/fd")) == baseline,
+                 what="fd count back to baseline")
+        assert all(pid_alive(p) for p in server.workers())  # children are live, not zombies
