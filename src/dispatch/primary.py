@@ -272,6 +272,8 @@ class Server:
 
     def _tick(self, now: float) -> None:
         self._apply(self.supervisor.tick(now))
+        if self.health is not None:
+            self.health.tick(now)
         if self._accept_resume_at and now >= self._accept_resume_at:
             self._accept_resume_at = 0.0
             self._update_accepting()
