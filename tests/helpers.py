@@ -57,22 +57,31 @@ def fd_count(pid: int) -> int:
 class ServerProcess:
     """A dispatch primary in a subprocess, stopped (by pid) on exit."""
 
-    def __init__(self, handler: str = "tests.apps:pid_app", **options: Any) -> None:
+    def __init__(self, handler: str = "tests.apps:pid_app", *, cli: list[str] | None = None,
+                 cwd: Path = ROOT, **options: Any) -> None:
+        """Run ``tests/serve_script.py`` with ``options``, or the CLI with the ``cli`` flags."""
         options.setdefault("bind", "127.0.0.1:0")
         options.setdefault("workers", 2)
         options.setdefault("log_level", "debug")
         options["handler"] = handler
         self.log_path = Path(f"/tmp/dispatch-test-{os.getpid()}-{time.monotonic_ns()}.log")
         self._log = open(self.log_path, "w+b")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "serve_script.py"), json.dumps(options)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log,
-        )
+        if cli is None:
+            command = [sys.executable, str(ROOT / "tests" / "serve_script.py"), json.dumps(options)]
+        else:
+            command = [sys.executable, "-m", "dispatch", handler, *cli]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=self._log, env=env)
         self.pid = self.proc.pid
-        line = self._read_line(timeout=15)
-        info = json.loads(line)
-        self.addresses: list[str] = info["addresses"]
-        self.health: str | None = info["health"]
+        if cli is None:
+            info = json.loads(self._read_line(timeout=15))
+            self.addresses: list[str] = info["addresses"]
+            self.health: str | None = info["health"]
+        else:
+            found = wait_for(lambda: re.search(r"listening on (\S+) \(", self.log()), 15,
+                             what="the CLI's listening line")
+            self.addresses = found.group(1).rstrip(",").split(",")
+            self.health = None
         self.address = self.addresses[0]
 
     def _read_line(self, timeout: float) -> str:

@@ -1,0 +1,162 @@
+"""The deploy flow: rolling restart, code reload, pidfile, scaling, with real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, Load, ServerProcess, answering_pid, pid_alive, request, wait_for
+
+APP_V1 = '''
+import os
+
+def app(conn, addr):
+    conn.recv(65536)
+    body = b"version one pid %d" % os.getpid()
+    conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(body), body))
+'''
+
+
+def _write_app(directory: Path, source: str) -> None:
+    path = directory / "deployed_app.py"
+    path.write_text(source)
+    # A new mtime and size, so no stale bytecode is reused.
+    os.utime(path, ns=(path.stat().st_mtime_ns + 2_000_000_000,) * 2)
+
+
+@pytest.mark.parametrize("mode,signum", [
+    ("round-robin", signal.SIGUSR2),
+    ("least-connections", signal.SIGHUP),
+])
+def test_rolling_restart_under_load_loses_nothing(mode: str, signum: int) -> None:
+    with ServerProcess(workers=2, balance=mode) as server:
+        old = set(server.wait_ready(2))
+        load = Load(server.address, clients=6, max_requests=50_000, max_seconds=60)
+        try:
+            load.wait_requests(200)
+            server.signal(signum)
+            wait_for(lambda: "rolling restart complete" in server.log(), timeout=30,
+                     what="rolling restart complete")
+            done = load.ok
+            wait_for(lambda: load.ok > done + 200, what="requests after the restart")
+        finally:
+            load.stop()
+        new = set(server.workers())
+        assert load.failed == []
+        assert not (old & new) and len(new) == 2  # every worker pid changed
+        log = server.log()
+        assert log.count("to take over from pid") == 2
+        assert log.count("exited with code 0") == 2
+
+
+def test_slow_request_on_an_old_worker_completes_across_a_restart() -> None:
+    with ServerProcess(workers=2, graceful_timeout=20) as server:
+        server.wait_ready(2)
+        result: list[str] = []
+        thread = threading.Thread(target=lambda: result.append(request(server.address, "/sleep/2000")))
+        thread.start()
+        wait_for(lambda: "sleeping" in server.log(), what="slow request in flight")
+        server.signal(signal.SIGUSR2)
+        thread.join(20)
+        assert result, "the slow request got no answer"
+        old_pid = answering_pid(result[0])
+        wait_for(lambda: "rolling restart complete" in server.log(), timeout=30, what="restart")
+        assert not pid_alive(old_pid)
+
+
+def test_second_reload_during_a_restart_is_queued() -> None:
+    with ServerProcess(workers=2) as server:
+        server.wait_ready(2)
+        # A slow request keeps the first restart busy while the second signal arrives.
+        slow = threading.Thread(target=request, args=(server.address, "/sleep/2000"))
+        slow.start()
+        wait_for(lambda: "sleeping" in server.log(), what="slow request in flight")
+        server.signal(signal.SIGUSR2)
+        wait_for(lambda: "rolling restart of 2 workers started" in server.log(), what="restart")
+        server.signal(signal.SIGUSR2)
+        slow.join(20)
+        wait_for(lambda: server.log().count("rolling restart complete") == 2, timeout=40,
+                 what="two restarts")
+        assert "another one will follow" in server.log()
+        assert "pid" in request(server.address)
+
+
+def test_edited_code_is_served_after_usr2_to_the_pidfile(tmp_path: Path) -> None:
+    _write_app(tmp_path, APP_V1)
+    pidfile = tmp_path / "app.pid"
+    with ServerProcess("deployed_app:app", cwd=tmp_path,
+                       cli=["--workers", "2", "--bind", "127.0.0.1:0", "--pidfile", str(pidfile)]) as server:
+        server.wait_ready(2)
+        assert int(pidfile.read_text()) == server.pid
+        assert request(server.address).startswith("version one")
+        _write_app(tmp_path, APP_V1.replace("version one", "version two, edited"))
+        os.kill(int(pidfile.read_text()), signal.SIGUSR2)
+        wait_for(lambda: "rolling restart complete" in server.log(), timeout=30, what="restart")
+        bodies = {request(server.address).rsplit(" pid", 1)[0] for _ in range(10)}
+        assert bodies == {"version two, edited"}
+        server.signal(signal.SIGTERM)
+        assert server.wait(20) == 0
+    assert not pidfile.exists()
+
+
+def test_broken_new_version_aborts_and_the_old_keeps_answering(tmp_path: Path) -> None:
+    _write_app(tmp_path, APP_V1)
+    with ServerProcess("deployed_app:app", cwd=tmp_path,
+                       cli=["--workers", "2", "--bind", "127.0.0.1:0"]) as server:
+        old = set(server.wait_ready(2))
+        _write_app(tmp_path, APP_V1 + "\nraise ImportError('version three is broken')\n")
+        server.signal(signal.SIGUSR2)
+        wait_for(lambda: "rolling restart aborted" in server.log(), timeout=30, what="abort")
+        assert "version three is broken" in server.log()
+        assert set(server.workers()) == old
+        for _ in range(10):
+            assert request(server.address).startswith("version one")
+
+
+def test_ttin_and_ttou_scale_the_workers() -> None:
+    with ServerProcess(workers=2) as server:
+        server.wait_ready(2)
+        server.signal(signal.SIGTTIN)
+        wait_for(lambda: len(server.workers()) == 3, what="three workers")
+        server.wait_ready(3)
+        for count in (2, 1):
+            server.signal(signal.SIGTTOU)
+            wait_for(lambda n=count: len(server.workers()) == n, what=f"{count} workers")
+        server.signal(signal.SIGTTOU)
+        wait_for(lambda: "already at one worker" in server.log(), what="refusal to go below one")
+        assert len(server.workers()) == 1
+        assert "pid" in request(server.address)
+
+
+def test_live_pidfile_is_an_error_and_stale_one_is_replaced(tmp_path: Path) -> None:
+    pidfile = tmp_path / "app.pid"
+    pidfile.write_text(f"{os.getpid()}\n")  # this test process is alive
+    out = subprocess.run(
+        [sys.executable, "-m", "dispatch", "tests.apps:pid_app", "--bind", "127.0.0.1:0",
+         "--pidfile", str(pidfile)],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 1 and "is running" in out.stderr
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    pidfile.write_text(f"{dead.pid}\n")
+    with ServerProcess(cli=["--workers", "1", "--bind", "127.0.0.1:0", "--pidfile", str(pidfile)]) as server:
+        server.wait_ready(1)
+        assert int(pidfile.read_text()) == server.pid
+
+
+def test_cli_version_and_help() -> None:
+    version = subprocess.run([sys.executable, "-m", "dispatch", "--version"], capture_output=True,
+                             text=True, timeout=30)
+    assert version.returncode == 0 and version.stdout.startswith("dispatch ")
+    helptext = subprocess.run([sys.executable, "-m", "dispatch", "--help"], capture_output=True,
+                              text=True, timeout=30).stdout
+    for flag in ("--workers", "--bind", "--balance", "--threads", "--health", "--pidfile", "--timeout",
+                 "--graceful-timeout", "--max-requests", "--log-level", "--preload"):
+        assert flag in helptext
