@@ -58,22 +58,26 @@ class ServerProcess:
     """A dispatch primary in a subprocess, stopped (by pid) on exit."""
 
     def __init__(self, handler: str = "tests.apps:pid_app", *, cli: list[str] | None = None,
-                 cwd: Path = ROOT, **options: Any) -> None:
-        """Run ``tests/serve_script.py`` with ``options``, or the CLI with the ``cli`` flags."""
+                 command: list[str] | None = None, env: dict[str, str] | None = None,
+                 pass_fds: tuple[int, ...] = (), cwd: Path = ROOT, **options: Any) -> None:
+        """Run ``tests/serve_script.py`` with ``options``, the CLI with the ``cli`` flags,
+        or any ``command`` that logs dispatch's "listening on" line."""
         options.setdefault("bind", "127.0.0.1:0")
         options.setdefault("workers", 2)
         options.setdefault("log_level", "debug")
         options["handler"] = handler
         self.log_path = Path(f"/tmp/dispatch-test-{os.getpid()}-{time.monotonic_ns()}.log")
         self._log = open(self.log_path, "w+b")
-        if cli is None:
+        scripted = cli is None and command is None
+        if scripted:
             command = [sys.executable, str(ROOT / "tests" / "serve_script.py"), json.dumps(options)]
-        else:
+        elif command is None:
             command = [sys.executable, "-m", "dispatch", handler, *cli]
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=self._log, env=env)
+        full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+        self.proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=self._log,
+                                     env=full_env, pass_fds=pass_fds)
         self.pid = self.proc.pid
-        if cli is None:
+        if scripted:
             info = json.loads(self._read_line(timeout=15))
             self.addresses: list[str] = info["addresses"]
             self.health: str | None = info["health"]

@@ -20,18 +20,20 @@ import logging
 import sys
 from typing import Any
 
-from dispatch.balance import LeastConnections, Policy, RoundRobin
+from dispatch.balance import ConnectionPolicy, LeastConnections, Policy, RoundRobin, Sticky
 from dispatch.config import Address, Config, Handler
 from dispatch.listeners import BindError
 from dispatch.pidfile import PidfileError
 from dispatch.primary import BootError, Server
 from dispatch.protocol import ProtocolError
+from dispatch.worker import AsyncioProtocol
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Address", "BindError", "BootError", "Config", "Handler", "LeastConnections", "PidfileError",
-    "Policy", "ProtocolError", "RoundRobin", "Server", "configure_logging", "serve", "__version__",
+    "Address", "AsyncioProtocol", "BindError", "BootError", "Config", "ConnectionPolicy", "Handler",
+    "LeastConnections", "PidfileError", "Policy", "ProtocolError", "RoundRobin", "Server", "Sticky",
+    "configure_logging", "serve", "__version__",
 ]
 
 LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 
 from dispatch import __version__
@@ -49,7 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preload", action="store_true",
                         help="import the handler once in the primary (faster forks, no code reload)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    parser.add_argument("--user", help="run workers as this user (the primary binds first, as root)")
+    parser.add_argument("--group", help="run workers as this group (default: the user's group)")
+    parser.add_argument("--certfile", help="TLS certificate chain (PEM); the handshake runs in the worker")
+    parser.add_argument("--keyfile", help="TLS private key (PEM), if not in --certfile")
     return parser
+
+
+def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    if certfile is None:
+        if keyfile is not None:
+            raise ValueError("--keyfile needs --certfile")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load TLS certificate {certfile}: {exc}") from None
+    return context
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = options.pop("handler")
     options["bind"] = options["bind"] or ["127.0.0.1:8000"]
     try:
+        options["ssl"] = _tls_context(options.pop("certfile"), options.pop("keyfile"))
         server = Server(handler, **options)
     except (TypeError, ValueError) as exc:
         print(f"dispatch: error: {exc}", file=sys.stderr)

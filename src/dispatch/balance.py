@@ -84,14 +84,59 @@ class LeastConnections:
         return counts
 
 
+@runtime_checkable
+class ConnectionPolicy(Protocol):
+    """A policy that looks at each connection's client address (slower: one call each)."""
+
+    needs_loads: bool
+
+    def choose(self, client: str | None, workers: Sequence[int], loads: Sequence[int]) -> int:
+        """Index into ``workers`` (their ids) for a connection from ``client`` (an IP, or None)."""
+        ...
+
+
+class Sticky:
+    """Same client IP, same worker, while that worker lives.
+
+    A client seen for the first time goes to the least-loaded worker. The table
+    remembers the ``max_clients`` most recent clients.
+    """
+
+    needs_loads = True
+
+    def __init__(self, max_clients: int = 65536) -> None:
+        from collections import OrderedDict
+
+        self.max_clients = max_clients
+        self._table: OrderedDict[str, int] = OrderedDict()
+        self._cursor = 0  # rotates ties between equally loaded workers
+
+    def choose(self, client: str | None, workers: Sequence[int], loads: Sequence[int]) -> int:
+        if client is not None:
+            worker_id = self._table.get(client)
+            if worker_id is not None and worker_id in workers:
+                self._table.move_to_end(client)
+                return workers.index(worker_id)
+        count = len(workers)
+        start = self._cursor % count
+        self._cursor = start + 1
+        index = min(range(count), key=lambda i: (loads[i], (i - start) % count))
+        if client is not None:
+            self._table[client] = workers[index]
+            self._table.move_to_end(client)
+            if len(self._table) > self.max_clients:
+                self._table.popitem(last=False)
+        return index
+
+
 #: Balance modes where the primary accepts and passes descriptors.
-USER_MODES = {"round-robin": RoundRobin, "least-connections": LeastConnections}
+USER_MODES = {"round-robin": RoundRobin, "least-connections": LeastConnections, "sticky": Sticky}
 #: Balance modes where the kernel picks the worker.
 KERNEL_MODES = ("reuseport", "shared")
 MODES = (*USER_MODES, *KERNEL_MODES)
 
 
-def make_policy(mode: str) -> Policy:
+def make_policy(mode: str) -> Policy | ConnectionPolicy:
     """The policy object for a user-space balance mode."""
     try:
         return USER_MODES[mode]()

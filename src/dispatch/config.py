@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import socket
+import ssl as _ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dispatch.balance import MODES, USER_MODES, Policy
+from dispatch.balance import MODES, USER_MODES, ConnectionPolicy, Policy
 
 Handler = Callable[..., Any] | str
 
@@ -85,7 +88,7 @@ class Config:
     handler: Handler
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     bind: Sequence[str] | str = "127.0.0.1:8000"
-    balance: str | Policy = "round-robin"
+    balance: str | Policy | ConnectionPolicy = "round-robin"
     threads: int = 1
     backlog: int = 2048
     timeout: float = 30.0
@@ -100,6 +103,13 @@ class Config:
     preload: bool = False
     log_level: str = "info"
     accept_batch: int = 256
+    ssl: _ssl.SSLContext | None = None
+    user: str | int | None = None
+    group: str | int | None = None
+    on_starting: Callable[[Any], None] | None = None
+    on_worker_start: Callable[[int], None] | None = None
+    on_worker_exit: Callable[[int, int, str], None] | None = None
+    on_reload: Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.handler, str):
@@ -121,8 +131,10 @@ class Config:
         if isinstance(self.balance, str):
             if self.balance not in MODES:
                 raise ValueError(f"balance must be one of {', '.join(MODES)}; got {self.balance!r}")
-        elif not isinstance(self.balance, Policy):
-            raise TypeError("balance must be a mode name or a policy with assign() and needs_loads")
+        elif not isinstance(self.balance, (Policy, ConnectionPolicy)):
+            raise TypeError(
+                "balance must be a mode name, or a policy with needs_loads and assign() or choose()"
+            )
         binds = [self.bind] if isinstance(self.bind, str) else list(self.bind)
         if not binds:
             raise ValueError("bind needs at least one address")
@@ -139,9 +151,18 @@ class Config:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.preload and not isinstance(self.handler, str):
             raise ValueError("preload applies to an import-string handler")
+        if self.ssl is not None and not isinstance(self.ssl, _ssl.SSLContext):
+            raise TypeError(f"ssl must be an ssl.SSLContext, not {type(self.ssl).__name__}")
+        for hook in ("on_starting", "on_worker_start", "on_worker_exit", "on_reload"):
+            if getattr(self, hook) is not None and not callable(getattr(self, hook)):
+                raise TypeError(f"{hook} must be callable")
+        object.__setattr__(self, "uid", _lookup_user(self.user))
+        object.__setattr__(self, "gid", _lookup_group(self.group, self.user))
 
     addresses: tuple[Address, ...] = field(init=False, repr=False, default=())
     health_address: Address | None = field(init=False, repr=False, default=None)
+    uid: int | None = field(init=False, repr=False, default=None)
+    gid: int | None = field(init=False, repr=False, default=None)
 
     @property
     def user_space(self) -> bool:
@@ -152,3 +173,35 @@ class Config:
     def heartbeat_interval(self) -> float:
         """How often workers report: often enough that a report is never stale for long."""
         return min(1.0, self.timeout / 4)
+
+
+def _lookup_user(user: str | int | None) -> int | None:
+    if user is None:
+        return None
+    if isinstance(user, int) and not isinstance(user, bool):
+        return user
+    if not isinstance(user, str):
+        raise TypeError(f"user must be a name or uid, not {type(user).__name__}")
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise ValueError(f"user {user!r} does not exist") from None
+
+
+def _lookup_group(group: str | int | None, user: str | int | None) -> int | None:
+    if group is None:
+        if user is None:
+            return None
+        uid = _lookup_user(user)
+        try:
+            return pwd.getpwuid(uid).pw_gid  # the user's own group
+        except KeyError:
+            return None
+    if isinstance(group, int) and not isinstance(group, bool):
+        return group
+    if not isinstance(group, str):
+        raise TypeError(f"group must be a name or gid, not {type(group).__name__}")
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"group {group!r} does not exist") from None

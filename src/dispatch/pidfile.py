@@ -34,9 +34,6 @@ class Pidfile:
                 os.unlink(self.path)
         self._pid = None
 
-    def fds(self) -> list[int]:
-        return []
-
     def _read(self) -> int | None:
         try:
             with open(self.path) as f:

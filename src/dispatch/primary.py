@@ -23,10 +23,11 @@ from collections.abc import Callable
 from typing import Any
 
 from dispatch import _fdpass, protocol, supervisor
-from dispatch.balance import Policy, make_policy
+from dispatch.balance import ConnectionPolicy, Policy, make_policy
 from dispatch.config import Config
 from dispatch.listeners import bind, bound_name, remove_unix_path
 from dispatch.pidfile import Pidfile
+from dispatch.systemd import Notifier, listen_sockets
 from dispatch.worker import worker_main
 
 log = logging.getLogger("dispatch")
@@ -82,11 +83,13 @@ class Server:
 
     def __init__(self, handler: Any, **options: Any) -> None:
         self.config = Config(handler, **options)
-        self._policy: Policy | None = None
+        self._policy: Policy | ConnectionPolicy | None = None
         if self.config.user_space:
             balance = self.config.balance
             self._policy = make_policy(balance) if isinstance(balance, str) else balance
         self._needs_loads = bool(self._policy is not None and self._policy.needs_loads)
+        # Policies that look at each client address take the slower, per-connection path.
+        self._per_connection = isinstance(self._policy, ConnectionPolicy) and not isinstance(self._policy, Policy)
         self.supervisor = supervisor.Supervisor(
             workers=self.config.workers,
             timeout=self.config.timeout,
@@ -117,7 +120,9 @@ class Server:
         self._pidfile: Pidfile | None = None
         self._saved_signals: dict[int, Any] = {}
         self.health: Any = None
-        self.on_worker_start: Callable[[int], None] | None = None
+        self._notifier = Notifier()
+        self._announced_ready = False
+        self._announced_reloading = False
 
     # ================================================================ setup
     @property
@@ -135,8 +140,14 @@ class Server:
             raise RuntimeError("server already started")
         reserve = self.config.balance == "reuseport"
         try:
-            for address in self.config.addresses:
-                self.listeners.append(bind(address, self.config.backlog, reserve_only=reserve))
+            self.listeners = listen_sockets()
+            if self.listeners and reserve:
+                raise ValueError("balance='reuseport' cannot use sockets passed by systemd")
+            if self.listeners:
+                log.info("using %d listening sockets passed by systemd instead of binding", len(self.listeners))
+            else:
+                for address in self.config.addresses:
+                    self.listeners.append(bind(address, self.config.backlog, reserve_only=reserve))
             if self.config.health_address is not None:
                 from dispatch.health import HealthServer
 
@@ -164,7 +175,10 @@ class Server:
 
             self.config = _replace_handler(self.config, load_handler(self.config.handler))
         log.info("dispatch primary %d listening on %s (balance=%s, workers=%d)", os.getpid(),
-                 ", ".join(self.addresses), self._balance_name(), self.config.workers)
+                 ",".join(self.addresses), self._balance_name(), self.config.workers)
+        _set_process_title("dispatch: primary")
+        if self.config.on_starting is not None:
+            self.config.on_starting(self)
         self._apply(self.supervisor.start(time.monotonic()))
 
     def _balance_name(self) -> str:
@@ -232,11 +246,17 @@ class Server:
                 log.info("fast shutdown")
                 self._shutdown(now, graceful=False)
             elif what == "reload":
+                if self.config.on_reload is not None:
+                    self.config.on_reload(self)
+                if not self.supervisor.restarting:
+                    self._notifier.reloading()
+                    self._announced_reloading = True
                 self._apply(self.supervisor.reload(now))
             elif what in ("ttin", "ttou"):
                 self._apply(self.supervisor.scale(1 if what == "ttin" else -1, now))
 
     def _shutdown(self, now: float, graceful: bool) -> None:
+        self._notifier.notify(STOPPING=1)
         self._stop_accepting()
         if self._pending and self._targets:
             self._dispatch_pending()  # before Drain, so workers read them first
@@ -272,6 +292,9 @@ class Server:
 
     def _tick(self, now: float) -> None:
         self._apply(self.supervisor.tick(now))
+        if self._announced_reloading and not self.supervisor.restarting:
+            self._announced_reloading = False
+            self._notify_ready()
         if self.health is not None:
             self.health.tick(now)
         if self._accept_resume_at and now >= self._accept_resume_at:
@@ -299,6 +322,8 @@ class Server:
 
     def _dispatch(self, buf: array.array, start: int, count: int) -> tuple[int, int]:
         """Pass ``buf[start:start+count]`` to workers; returns what is left (start, count)."""
+        if self._per_connection:
+            return self._dispatch_each(buf, start, count)
         send = _fdpass.send_fds
         messages = _FDS_MESSAGES
         dontwait = _fdpass.DONTWAIT
@@ -328,6 +353,26 @@ class Server:
                     share -= chunk
         if self._over_limit:
             self._recycle_over_limit()
+        return start, count
+
+    def _dispatch_each(self, buf: array.array, start: int, count: int) -> tuple[int, int]:
+        """The per-connection path: the policy sees each client's address."""
+        policy: ConnectionPolicy = self._policy  # type: ignore[assignment]
+        while count and self._targets:
+            ids = [w.worker_id for w in self._targets]
+            loads = [w.sent - w.done for w in self._targets]
+            worker = self._targets[policy.choose(_client_host(buf[start]), ids, loads)]
+            try:
+                sent = _fdpass.send_fds(worker.fd, buf, start, 1, _FDS_MESSAGES[1], _fdpass.DONTWAIT, True)
+            except OSError as exc:
+                self._channel_broken(worker, exc)
+                continue
+            if not sent:
+                self._backpressure(worker)
+                continue
+            worker.sent += 1
+            start += 1
+            count -= 1
         return start, count
 
     def _recycle_over_limit(self) -> None:
@@ -435,14 +480,13 @@ class Server:
         inherited += self._pending  # a child holding a copy would keep those connections open
         if self.health is not None:
             inherited += self.health.fds()
-        if self._pidfile is not None:
-            inherited += self._pidfile.fds()
+        inherited += self._notifier.fds()
         listeners = [] if self.config.user_space else self.listeners
         for handler in logging.getLogger().handlers + log.handlers:
             handler.flush()
         pid = os.fork()
         if pid == 0:
-            worker_main(self.config, worker_id, worker_end, listeners, inherited, self.on_worker_start)
+            worker_main(self.config, worker_id, worker_end, listeners, inherited)
         pidfd = os.pidfd_open(pid)
         limit = 0
         if self.config.max_requests:
@@ -498,8 +542,15 @@ class Server:
         log.info("worker %d (pid %d) ready", worker.worker_id, worker.pid)
         self._apply(self.supervisor.ready(worker.pid, now))
         self._rebuild_targets()
+        if not self._announced_ready and len(self._targets) >= self.config.workers:
+            self._announced_ready = True
+            self._notify_ready()
         if self._pending:
             self._dispatch_pending()
+
+    def _notify_ready(self) -> None:
+        ready = sum(1 for w in self.workers.values() if w.state == supervisor.READY)
+        self._notifier.notify(READY=1, STATUS=f"{ready} workers ready, balance={self._balance_name()}")
 
     def _channel_writable(self, worker: WorkerHandle) -> None:
         self._epoll.modify(worker.fd, _IN)  # type: ignore[union-attr]
@@ -550,6 +601,11 @@ class Server:
             cause = self.supervisor.by_pid.get(worker.pid)
             kill_cause = cause.kill_cause if cause else None
             self._count_restart(kill_cause or ("signal" if os.WIFSIGNALED(status) else "exit"))
+        if self.config.on_worker_exit is not None:
+            try:
+                self.config.on_worker_exit(worker.worker_id, worker.pid, how)
+            except Exception:
+                log.exception("on_worker_exit hook failed")
         self._apply(self.supervisor.exited(worker.pid, time.monotonic(), how))
         if self._pending:
             self._dispatch_pending()
@@ -646,6 +702,7 @@ class Server:
             self.health.close()
         if self._pidfile is not None:
             self._pidfile.remove()
+        self._notifier.close()
         if self._epoll is not None:
             self._epoll.close()
         self._restore_signal_handlers()
@@ -668,6 +725,25 @@ def _describe_exit(status: int) -> str:
             name = str(signum)
         return f"was killed by signal {signum} ({name})"
     return f"exited with code {os.waitstatus_to_exitcode(status)}"
+
+
+def _client_host(fd: int) -> str | None:
+    sock = socket.socket(fileno=fd)
+    try:
+        peer = sock.getpeername()
+        return peer[0] if isinstance(peer, tuple) else None
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+
+
+def _set_process_title(title: str) -> None:
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(title)
 
 
 def _replace_handler(config: Config, handler: Any) -> Config:

@@ -307,8 +307,8 @@ class Supervisor:
         actions: list[Action] = []
         while self.restart_queue and in_flight < self.restart_batch:
             old = self.by_pid.get(self.restart_queue.pop(0))
-            if old is None or old.state == DRAINING or old.worker_id >= self.workers:
-                continue  # gone, or on its way out after a scale-down
+            if old is None or old.state == DRAINING or old.retiring or old.worker_id >= self.workers:
+                continue  # gone, already being replaced, or scaled away
             old.retiring = True
             in_flight += 1
             actions.append(Spawn(old.worker_id, old.pid))

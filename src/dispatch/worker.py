@@ -68,20 +68,37 @@ def is_async_handler(handler: Callable[..., Any]) -> bool:
     )
 
 
+class AsyncioProtocol:
+    """Serve connections with an ``asyncio.Protocol`` factory on the worker's loop.
+
+    ``dispatch.serve(AsyncioProtocol(MyProtocol), ...)``: each connection is
+    handed to ``loop.connect_accepted_socket(MyProtocol, sock)``, so a custom
+    protocol (or an existing asyncio server's protocol class) runs unchanged.
+    """
+
+    def __init__(self, factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        if not callable(factory):
+            raise TypeError("AsyncioProtocol needs a protocol factory")
+        self.factory = factory
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        return self.factory()
+
+
 def worker_main(
     config: Config,
     worker_id: int,
     channel: socket.socket,
     listeners: list[socket.socket],
     inherited_fds: list[int],
-    on_start: Callable[[int], None] | None = None,
 ) -> NoReturn:
     """Run a worker in a freshly forked child; never returns."""
     code = EXIT_CRASH
     try:
         _reset_process(worker_id, inherited_fds)
-        if on_start is not None:
-            on_start(worker_id)
+        _drop_privileges(config)
+        if config.on_worker_start is not None:
+            config.on_worker_start(worker_id)
         try:
             handler = load_handler(config.handler)
         except BaseException:
@@ -115,12 +132,34 @@ def _reset_process(worker_id: int, inherited_fds: list[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+    _tag_log_records(worker_id)
     try:
         from setproctitle import setproctitle
     except ImportError:
         pass
     else:
         setproctitle(f"dispatch: worker {worker_id}")
+
+
+def _tag_log_records(worker_id: int) -> None:
+    """Every log record made in this worker carries ``record.worker_id``."""
+    make_record = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        record.worker_id = worker_id
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
+def _drop_privileges(config: Config) -> None:
+    """Bound as root in the primary; handle connections as ``user``/``group``."""
+    if config.gid is not None:
+        os.setgroups([])
+        os.setgid(config.gid)
+    if config.uid is not None:
+        os.setuid(config.uid)
 
 
 class Worker:
@@ -139,7 +178,8 @@ class Worker:
         self.channel = channel
         self.listeners = listeners
         self.handler = handler
-        self.is_async = is_async_handler(handler)
+        self.is_protocol = isinstance(handler, AsyncioProtocol)
+        self.is_async = self.is_protocol or is_async_handler(handler)
         self.user_space = config.user_space
         self.report_done = self.user_space and _needs_loads(config)
         self.active = 0
@@ -253,7 +293,9 @@ class Worker:
     # ---------------------------------------------------- running handlers
     def _start(self, fd: int) -> None:
         self.active += 1
-        if self.is_async:
+        if self.is_protocol:
+            self._loop.create_task(self._serve_protocol(fd))
+        elif self.is_async:
             self._loop.create_task(self._serve_async(fd))
         else:
             assert self._executor is not None
@@ -266,6 +308,8 @@ class Worker:
         try:
             conn.setblocking(True)
             addr = _peer(conn)
+            if self.config.ssl is not None:
+                conn = self.config.ssl.wrap_socket(conn, server_side=True)  # handshake here, in the worker
             self.handler(conn, addr)
         except Exception:
             log.exception("worker %d: handler raised for connection from %s", self.worker_id, addr)
@@ -283,7 +327,12 @@ class Worker:
         try:
             sock = socket.socket(fileno=fd)
             addr = _peer(sock)
-            reader, writer = await asyncio.open_connection(sock=sock)
+            reader = asyncio.StreamReader(loop=self._loop)
+            stream_protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
+            transport, _ = await self._loop.connect_accepted_socket(
+                lambda: stream_protocol, sock, ssl=self.config.ssl
+            )
+            writer = asyncio.StreamWriter(transport, stream_protocol, reader, self._loop)
             try:
                 await self.handler(reader, writer)
             except Exception:
@@ -298,6 +347,35 @@ class Worker:
             log.debug("worker %d: connection from %s failed: %s", self.worker_id, addr, exc)
         finally:
             self._completed()
+
+    async def _serve_protocol(self, fd: int) -> None:
+        """A user protocol owns the connection; it is complete when the transport closes."""
+        completed = False
+
+        def complete() -> None:
+            nonlocal completed
+            if not completed:
+                completed = True
+                self._completed()
+
+        def factory() -> asyncio.BaseProtocol:
+            protocol_ = self.handler()
+            connection_lost = protocol_.connection_lost
+
+            def lost(exc: Exception | None) -> None:
+                try:
+                    connection_lost(exc)
+                finally:
+                    complete()
+
+            protocol_.connection_lost = lost  # type: ignore[method-assign]
+            return protocol_
+
+        try:
+            await self._loop.connect_accepted_socket(factory, socket.socket(fileno=fd), ssl=self.config.ssl)
+        except Exception:
+            log.exception("worker %d: could not start the protocol for a connection", self.worker_id)
+            complete()
 
     def _completed(self) -> None:
         self.active -= 1
