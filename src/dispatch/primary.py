@@ -246,8 +246,7 @@ class Server:
                 log.info("fast shutdown")
                 self._shutdown(now, graceful=False)
             elif what == "reload":
-                if self.config.on_reload is not None:
-                    self.config.on_reload(self)
+                self._run_hook("on_reload", self)
                 if not self.supervisor.restarting:
                     self._notifier.reloading()
                     self._announced_reloading = True
@@ -548,6 +547,15 @@ class Server:
         if self._pending:
             self._dispatch_pending()
 
+    def _run_hook(self, name: str, *args: Any) -> None:
+        """A failing hook is logged; it never takes the primary down."""
+        hook = getattr(self.config, name)
+        if hook is not None:
+            try:
+                hook(*args)
+            except Exception:
+                log.exception("%s hook failed", name)
+
     def _notify_ready(self) -> None:
         ready = sum(1 for w in self.workers.values() if w.state == supervisor.READY)
         self._notifier.notify(READY=1, STATUS=f"{ready} workers ready, balance={self._balance_name()}")
@@ -601,11 +609,7 @@ class Server:
             cause = self.supervisor.by_pid.get(worker.pid)
             kill_cause = cause.kill_cause if cause else None
             self._count_restart(kill_cause or ("signal" if os.WIFSIGNALED(status) else "exit"))
-        if self.config.on_worker_exit is not None:
-            try:
-                self.config.on_worker_exit(worker.worker_id, worker.pid, how)
-            except Exception:
-                log.exception("on_worker_exit hook failed")
+        self._run_hook("on_worker_exit", worker.worker_id, worker.pid, how)
         self._apply(self.supervisor.exited(worker.pid, time.monotonic(), how))
         if self._pending:
             self._dispatch_pending()
