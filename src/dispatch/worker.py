@@ -193,6 +193,7 @@ class Worker:
         self._accept_buf = array.array("i", bytes(4 * 64))
         self._process = psutil.Process()
         self._executor: ThreadPoolExecutor | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
         self._loop: asyncio.AbstractEventLoop
         self._finished: asyncio.Future[int]
 
@@ -293,10 +294,11 @@ class Worker:
     # ---------------------------------------------------- running handlers
     def _start(self, fd: int) -> None:
         self.active += 1
-        if self.is_protocol:
-            self._loop.create_task(self._serve_protocol(fd))
-        elif self.is_async:
-            self._loop.create_task(self._serve_async(fd))
+        if self.is_async:
+            serve = self._serve_protocol if self.is_protocol else self._serve_async
+            task = self._loop.create_task(serve(fd))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         else:
             assert self._executor is not None
             future = self._executor.submit(self._serve_sync, fd)
