@@ -46,10 +46,16 @@ def test_every_request_answered_in_each_mode(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["round-robin", "shared"])
 def test_async_handler(mode: str) -> None:
-    with ServerProcess("tests.apps:async_pid_app", balance=mode) as server:
+    with ServerProcess("tests.apps:async_pid_app", balance=mode, graceful_timeout=60) as server:
         server.wait_ready(2)
-        bodies = _many(server.address, 100)
+        bodies = _many(server.address, 1000, clients=32)
         assert all(b.endswith("async") for b in bodies)
+        # Every connection task ran to its end: the drain finds nothing in flight.
+        server.signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+        log = server.log()
+        assert "Task was destroyed" not in log
+        assert log.count("draining: asked by the primary; 0 connections in flight") == 2
 
 
 def test_round_robin_splits_evenly_between_two_workers() -> None:
