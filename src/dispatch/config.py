@@ -36,12 +36,14 @@ class Address:
                 raise ValueError(f"bind address {text!r} has an empty path")
             return cls(socket.AF_UNIX, path)
         host, sep, port_text = text.rpartition(":")
-        if not sep or not port_text.isdigit():
+        if not sep or not (port_text.isascii() and port_text.isdigit()):
             raise ValueError(f"bind address {text!r} is not HOST:PORT, [IPV6]:PORT or unix:PATH")
         port = int(port_text)
         if port > 65535:
             raise ValueError(f"bind address {text!r}: port {port} is out of range")
         if host.startswith("[") and host.endswith("]"):
+            if len(host) == 2:
+                raise ValueError(f"bind address {text!r} has an empty IPv6 host")
             return cls(socket.AF_INET6, host[1:-1], port)
         if ":" in host:
             raise ValueError(f"bind address {text!r}: write IPv6 hosts in brackets, [::1]:PORT")
