@@ -44,6 +44,8 @@ PEER_TARGETS = ["node-rr", "node-none", "floor-pass", "floor-close"]
 FLOORS = ("floor-pass", "floor-close")
 ALL_TARGETS = DISPATCH_MODES + PEER_TARGETS
 WORKLOADS = ["tiny", "keepalive", "mixed"]
+# Run by failures.py (30 s runs, 10 s with --quick) after the workloads above: --workloads failure,restart
+FAILURE_WORKLOADS = ["failure", "restart"]
 # The floor answers nothing, so only the connection-rate workload means anything for it.
 FLOOR_WORKLOADS = {"tiny"}
 
@@ -132,11 +134,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(target: str, port: int, workers: int) -> tuple[list[str], dict[str, str]]:
+def server_command(target: str, port: int, workers: int, log_level: str = "warning",
+                   dispatch_args: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
+    """The command line of one target; ``log_level`` and ``dispatch_args`` apply to dispatch only."""
     env = dict(os.environ)
     if target in DISPATCH_MODES:
         cmd = [sys.executable, "-m", "dispatch", "dispatch.demo:app", "--workers", str(workers),
-               "--bind", f"127.0.0.1:{port}", "--balance", target, "--log-level", "warning"]
+               "--bind", f"127.0.0.1:{port}", "--balance", target, "--log-level", log_level,
+               *dispatch_args]
     elif target in ("node-rr", "node-none"):
         env["NODE_CLUSTER_SCHED_POLICY"] = target.removeprefix("node-")
         cmd = ["node", str(PEERS / "node_cluster.js"), str(port), str(workers)]
@@ -148,8 +153,9 @@ def server_command(target: str, port: int, workers: int) -> tuple[list[str], dic
     return cmd, env
 
 
-def display_command(target: str, workers: int) -> str:
-    cmd, _ = server_command(target, 0, workers)
+def display_command(target: str, workers: int, log_level: str = "warning",
+                    dispatch_args: tuple[str, ...] = ()) -> str:
+    cmd, _ = server_command(target, 0, workers, log_level, dispatch_args)
     text = shlex.join(["python" if c == sys.executable else c for c in cmd]).replace(":0", ":PORT")
     if target in FLOORS:
         text = text.replace("127.0.0.1 0 ", "127.0.0.1 PORT ")
@@ -183,6 +189,8 @@ class Server:
     stop_seconds: float = 0.0
     sigkilled: bool = False
     seen_pids: set[int] = field(default_factory=set)
+    log_level: str = "warning"
+    dispatch_args: tuple[str, ...] = ()
 
     @property
     def pid(self) -> int:
@@ -190,7 +198,7 @@ class Server:
         return self.proc.pid
 
     def start(self, boot_timeout: float) -> None:
-        cmd, env = server_command(self.target, self.port, self.workers)
+        cmd, env = server_command(self.target, self.port, self.workers, self.log_level, self.dispatch_args)
         self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             cmd, env=env, stdin=subprocess.DEVNULL, stderr=self.log_file,
@@ -570,7 +578,7 @@ def markdown(summary: dict[str, Any], records: list[dict[str, Any]], machine: di
         "real servers, so their batches are larger: the ÷ floor ratios favour the floors.",
         "",
         "tasks destroyed (log): lines `Task was destroyed but it is pending!` the dispatch server "
-        "logged during the run (see README: a worker bug).",
+        "logged during the run (a worker bug fixed in 3cb8581; should be 0).",
         "",
     ]
     rr = summary.get("tiny", {}).get("round-robin", {}).get("rate")
@@ -661,7 +669,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(ALL_TARGETS),
                    help=f"comma-separated targets among {','.join(ALL_TARGETS)} (default: all)")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
-                   help=f"comma-separated among {','.join(WORKLOADS)} (default: all)")
+                   help=f"comma-separated among {','.join(WORKLOADS + FAILURE_WORKLOADS)} (default: "
+                        f"{','.join(WORKLOADS)}; failure and restart run benchmarks/failures.py afterwards)")
     p.add_argument("--warmup", type=int, default=1,
                    help="whole seconds of keep-alive load after each start; 0 = none (default %(default)s)")
     p.add_argument("--stop-timeout", type=float,
@@ -677,8 +686,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if m not in ALL_TARGETS:
             p.error(f"unknown mode {m!r}; choose among {', '.join(ALL_TARGETS)}")
     for w in args.workloads:
-        if w not in WORKLOADS:
-            p.error(f"unknown workload {w!r}; choose among {', '.join(WORKLOADS)}")
+        if w not in WORKLOADS + FAILURE_WORKLOADS:
+            p.error(f"unknown workload {w!r}; choose among {', '.join(WORKLOADS + FAILURE_WORKLOADS)}")
+    args.failure_workloads = [w for w in args.workloads if w in FAILURE_WORKLOADS]
+    args.workloads = [w for w in args.workloads if w in WORKLOADS]
     args.invocation = shlex.join(["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])
     return args
 
@@ -692,6 +703,30 @@ def main(argv: list[str] | None = None) -> int:
     # A shell's background job starts with SIGINT ignored; make TERM, INT and HUP all clean up.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _exit_on_signal)
+    code = compare(args) if args.workloads else 0
+    if code == 0 and args.failure_workloads:
+        code = run_failures(args)
+    return code
+
+
+def run_failures(args: argparse.Namespace) -> int:
+    """failures.py's scenarios with this run's settings (their own run length: 30 s, 10 s quick)."""
+    import failures  # benchmarks/ is sys.path[0] when this file runs as a script
+
+    modes = [m for m in args.modes if m in failures.ALL_TARGETS]
+    if not modes:
+        log(f"failure/restart: none of the modes run them ({', '.join(failures.ALL_TARGETS)})")
+        return 2
+    argv = ["--scenarios", ",".join(args.failure_workloads), "--modes", ",".join(modes),
+            "--connections", str(args.connections), "--wrk-threads", str(args.wrk_threads),
+            "--workers", str(args.workers), "--warmup", str(args.warmup), "--out", str(args.out)]
+    fargs = failures.parse_args(argv + (["--quick"] if args.quick else []))
+    fargs.invocation = args.invocation
+    return failures.run(fargs)
+
+
+def compare(args: argparse.Namespace) -> int:
+    """The mode and peer comparison: tiny, keepalive, mixed."""
     if shutil.which("wrk") is None:
         log("wrk not found (Debian package 'wrk')")
         return 2

@@ -21,7 +21,12 @@ const workers = Number(process.argv[3] || 2);
 
 if (cluster.isPrimary) {
   for (let i = 0; i < workers; i++) cluster.fork();
+  // Replace a worker that dies (Node does not by itself), as dispatch does;
+  // benchmarks/failures.py kills workers under load.
+  let stopping = false;
+  cluster.on('exit', () => { if (!stopping) cluster.fork(); });
   const stop = () => {
+    stopping = true;
     for (const id in cluster.workers) cluster.workers[id].process.kill('SIGTERM');
     process.exit(0);
   };
