@@ -160,3 +160,14 @@ def test_cli_version_and_help() -> None:
     for flag in ("--workers", "--bind", "--balance", "--threads", "--health", "--pidfile", "--timeout",
                  "--graceful-timeout", "--max-requests", "--log-level", "--preload"):
         assert flag in helptext
+
+
+def test_preload_imports_once_so_a_restart_keeps_the_old_code(tmp_path: Path) -> None:
+    _write_app(tmp_path, APP_V1)
+    with ServerProcess("deployed_app:app", cwd=tmp_path,
+                       cli=["--workers", "2", "--bind", "127.0.0.1:0", "--preload"]) as server:
+        server.wait_ready(2)
+        _write_app(tmp_path, APP_V1.replace("version one", "version two, edited"))
+        server.signal(signal.SIGUSR2)
+        wait_for(lambda: "rolling restart complete" in server.log(), timeout=30, what="restart")
+        assert {request(server.address).rsplit(" pid", 1)[0] for _ in range(6)} == {"version one"}

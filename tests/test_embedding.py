@@ -217,3 +217,17 @@ def test_process_titles() -> None:
         titles = {open(f"/proc/{pid}/cmdline").read().strip("\0 ") for pid in workers}
         assert titles == {"dispatch: worker 0", "dispatch: worker 1"}
         assert open(f"/proc/{server.pid}/cmdline").read().startswith("dispatch: primary")
+
+
+def test_worker_log_records_carry_the_worker_id() -> None:
+    import logging
+
+    from dispatch.worker import _tag_log_records
+
+    previous = logging.getLogRecordFactory()
+    try:
+        _tag_log_records(3)
+        record = logging.getLogger("dispatch.worker").makeRecord("x", logging.INFO, "f", 1, "m", (), None)
+        assert record.worker_id == 3
+    finally:
+        logging.setLogRecordFactory(previous)

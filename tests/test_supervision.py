@@ -113,7 +113,7 @@ def test_many_worker_restarts_leak_no_descriptors_or_zombies() -> None:
     with ServerProcess(workers=2) as server:
         server.wait_ready(2)
         baseline = len(os.listdir(f"/proc/{server.pid}/fd"))
-        for _ in range(30):
+        for _ in range(200):
             victim = server.workers()[0]
             os.kill(victim, signal.SIGKILL)
             wait_for(lambda v=victim: v not in server.workers() and len(server.workers()) == 2,
@@ -123,3 +123,31 @@ def test_many_worker_restarts_leak_no_descriptors_or_zombies() -> None:
         wait_for(lambda: len(os.listdir(f"/proc/{server.pid}/fd")) == baseline,
                  what="fd count back to baseline")
         assert all(pid_alive(p) for p in server.workers())  # children are live, not zombies
+
+
+def test_recycling_by_max_memory_drops_nothing() -> None:
+    # Every worker is over a 1-byte limit: each is recycled once it is 5 s old, its
+    # replacement ready before it drains.
+    with ServerProcess(workers=2, max_memory=1) as server:
+        server.wait_ready(2)
+        load = Load(server.address, clients=4, max_requests=100_000, max_seconds=60)
+        wait_for(lambda: server.log().count("recycling worker") >= 2, timeout=30, what="recycles")
+        load.wait_requests(load.ok + len(load.failed) + 200)
+        load.stop()
+        assert load.failed == []
+        assert "resident memory" in server.log()
+        assert len(load.pids) > 2
+
+
+def test_sigquit_stops_at_once() -> None:
+    with ServerProcess(workers=2, graceful_timeout=60) as server:
+        workers = server.wait_ready(2)
+        slow = Load(server.address, clients=1, path="/sleep/5000", max_requests=1)
+        wait_for(lambda: "sleeping" in server.log(), what="slow request in flight")
+        started = time.monotonic()
+        server.signal(signal.SIGQUIT)
+        assert server.wait(10) == 0
+        assert time.monotonic() - started < 5  # did not wait for the 5 s request
+        slow.stop()
+        assert len(slow.failed) == 1
+        assert not any(pid_alive(p) for p in workers)

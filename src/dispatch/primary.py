@@ -36,6 +36,9 @@ _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _FDS_MESSAGES = [protocol.encode_fds(n) for n in range(_fdpass.SCM_MAX_FD + 1)]
 _TICK = 0.1  # seconds between supervisor ticks
+# A worker younger than this is not recycled for memory: a max_memory below a fresh
+# worker's size must not turn into a restart storm.
+_MEMORY_GRACE = 5.0
 
 
 class BootError(RuntimeError):
@@ -575,7 +578,8 @@ class Server:
         if worker.request_limit and report.total >= worker.request_limit:
             worker.request_limit = 0
             self._recycle(worker, now, f"handled {report.total} connections (max_requests {self.config.max_requests})")
-        elif self.config.max_memory and report.rss > self.config.max_memory:
+        elif (self.config.max_memory and report.rss > self.config.max_memory
+              and time.time() - worker.started_at >= _MEMORY_GRACE):
             self._recycle(worker, now, f"resident memory {report.rss} bytes is over max_memory {self.config.max_memory}")
 
     def _recycle(self, worker: WorkerHandle, now: float, why: str) -> None:
