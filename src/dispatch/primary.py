@@ -418,13 +418,10 @@ class Server:
         """Accept only while some worker can take connections and nothing is waiting."""
         want = (
             bool(self._targets) and not self._pending and not self._accept_resume_at
-            and self._running_or_starting() and not self.supervisor.stopping
+            and not self.supervisor.stopping
         )
         if want != self._accepting:
             self._set_accepting(want)
-
-    def _running_or_starting(self) -> bool:
-        return self._epoll is not None
 
     def _set_accepting(self, on: bool) -> None:
         self._accepting = on

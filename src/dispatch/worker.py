@@ -240,6 +240,10 @@ class Worker:
             for sock in self.listeners:
                 self._loop.add_reader(sock.fileno(), self._on_accept, sock)
 
+    def _resume_if_idle(self) -> None:
+        if self._paused and self._has_capacity():
+            self._resume()
+
     def _pause(self) -> None:
         self._paused = True
         if self.user_space:
@@ -284,7 +288,11 @@ class Worker:
         try:
             count = _fdpass.accept_batch(sock.fileno(), self._accept_buf, limit)
         except OSError as exc:
-            log.warning("worker %d: accept failed: %s", self.worker_id, exc)
+            # EMFILE and the like: the listener stays readable, so back off instead of spinning.
+            log.warning("worker %d: accept failed: %s; pausing accepts for 0.1s", self.worker_id, exc)
+            if not self._paused:
+                self._pause()
+                self._loop.call_later(0.1, self._resume_if_idle)
             return
         for i in range(count):
             self._start(self._accept_buf[i])
