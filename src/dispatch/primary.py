@@ -294,6 +294,9 @@ class Server:
 
     def _tick(self, now: float) -> None:
         self._apply(self.supervisor.tick(now))
+        if self._over_limit:
+            # Here, not in _dispatch: a fork there would copy the batch still in hand.
+            self._recycle_over_limit()
         if self._announced_reloading and not self.supervisor.restarting:
             self._announced_reloading = False
             self._notify_ready()
@@ -353,8 +356,6 @@ class Server:
                     start += chunk
                     count -= chunk
                     share -= chunk
-        if self._over_limit:
-            self._recycle_over_limit()
         return start, count
 
     def _dispatch_each(self, buf: array.array, start: int, count: int) -> tuple[int, int]:
