@@ -352,6 +352,7 @@ class Server:
                         break
                     worker.sent += chunk
                     if worker.request_limit and worker.sent >= worker.request_limit:
+                        worker.request_limit = 0  # noted once; recycled on the next tick
                         self._over_limit.append(worker)
                     start += chunk
                     count -= chunk
@@ -382,8 +383,7 @@ class Server:
         over, self._over_limit = self._over_limit, []
         now = time.monotonic()
         for worker in over:
-            if worker.request_limit and worker.pid in self.workers:
-                worker.request_limit = 0  # asked once is enough
+            if worker.pid in self.workers:
                 self._recycle(worker, now, f"passed {worker.sent} connections (max_requests {self.config.max_requests})")
 
     def _dispatch_pending(self) -> None:
