@@ -166,3 +166,11 @@ def test_reuseport_refuses_unix_sockets() -> None:
 
 def test_custom_policy_is_user_space() -> None:
     assert Config(handler, balance=LeastConnections()).user_space
+
+
+def test_health_port_alone_means_loopback() -> None:
+    from dispatch.config import Config
+
+    for text in ("9000", ":9000"):
+        address = Config(print, health=text).health_address
+        assert (address.host, address.port) == ("127.0.0.1", 9000)

@@ -145,7 +145,10 @@ class Config:
             raise ValueError("balance='reuseport' needs TCP addresses; unix sockets have no SO_REUSEPORT")
         object.__setattr__(self, "addresses", addresses)
         if self.health is not None:
-            health = Address.parse(self.health)
+            text = self.health
+            if isinstance(text, str) and (text.isdigit() or text.startswith(":")):
+                text = f"127.0.0.1:{text.lstrip(':')}"  # it exposes internals: loopback unless told
+            health = Address.parse(text)
             if health.family == socket.AF_UNIX:
                 raise ValueError("health must be HOST:PORT")
             object.__setattr__(self, "health_address", health)
