@@ -93,7 +93,7 @@ def test_defaults_are_valid() -> None:
 def test_several_binds_and_health() -> None:
     config = Config(handler, bind=["127.0.0.1:0", "[::1]:0", "unix:/tmp/x.sock"], health=":9000")
     assert [a.family for a in config.addresses] == [socket.AF_INET, socket.AF_INET6, socket.AF_UNIX]
-    assert config.health_address == Address(socket.AF_INET, "0.0.0.0", 9000)
+    assert config.health_address == Address(socket.AF_INET, "127.0.0.1", 9000)
 
 
 def test_import_string_handler() -> None:
@@ -137,7 +137,7 @@ def test_handler_must_be_callable() -> None:
         ("bind", "nowhere", ValueError, "bind address 'nowhere'"),
         ("bind", [8000], TypeError, "bind address must be a string"),
         ("health", "unix:/tmp/h.sock", ValueError, "health must be HOST:PORT"),
-        ("health", "9000", ValueError, "bind address '9000'"),
+        ("health", "nonsense", ValueError, "bind address 'nonsense'"),
         ("log_level", "loud", ValueError, "log_level must be one of debug, info"),
         ("log_level", 10, ValueError, "log_level must be one of"),
         ("preload", True, ValueError, "preload applies to an import-string handler"),
