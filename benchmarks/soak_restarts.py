@@ -50,7 +50,7 @@ def wait_for(condition, timeout: float, what: str):
         value = condition()
         if value:
             return value
-        time.sleep(0.005)
+        time.sleep(0.02)  # each poll is a new connection: don't run out of ephemeral ports
     raise SystemExit(f"timed out waiting for {what}")
 
 
