@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -235,3 +236,25 @@ def test_sigint_stops_cleanly_with_exit_zero() -> None:
         assert server.wait(20) == 0
         load.stop()
         assert not any(pid_alive(p) for p in workers)
+
+
+@pytest.mark.parametrize("mode", ["round-robin", "reuseport"])
+def test_max_connections_bounds_an_async_worker(mode: str) -> None:
+    with ServerProcess("tests.apps:async_pid_app", workers=1, max_connections=2, balance=mode) as server:
+        server.wait_ready(1)
+        results: list[str] = []
+        threads = [threading.Thread(target=lambda: results.append(request(server.address, "/sleep/1500")))
+                   for _ in range(3)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: server.log().count("sleeping") >= 2, what="two handlers running")
+        # The third waits its turn: for the next half second, while the first two sleep,
+        # it has not started.
+        window = time.monotonic() + 0.5
+        while time.monotonic() < window:
+            assert server.log().count("sleeping") == 2
+            time.sleep(0.05)
+        for t in threads:
+            t.join(15)
+        assert len(results) == 3  # ...and is served, not lost
+        assert server.log().count("sleeping") == 3

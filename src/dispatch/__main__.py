@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how connections reach workers (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
                         help="threads per worker for plain (non-async) handlers (default: %(default)s)")
+    parser.add_argument("--max-connections", type=int, default=0,
+                        help="connections a worker with a coroutine or protocol handler takes at once; "
+                        "0 = no limit (default)")
     parser.add_argument("--backlog", type=int, default=2048, help="listen backlog (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds without a heartbeat before a worker is killed (default: %(default)s)")

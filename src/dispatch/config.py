@@ -92,6 +92,7 @@ class Config:
     bind: Sequence[str] | str = "127.0.0.1:8000"
     balance: str | Policy | ConnectionPolicy = "round-robin"
     threads: int = 1
+    max_connections: int = 0
     backlog: int = 2048
     timeout: float = 30.0
     graceful_timeout: float = 30.0
@@ -120,6 +121,7 @@ class Config:
             raise TypeError(f"handler must be callable or 'module:attr', not {self.handler!r}")
         _positive_int("workers", self.workers)
         _positive_int("threads", self.threads)
+        _positive_int("max_connections", self.max_connections, 0)
         _positive_int("backlog", self.backlog)
         _positive_int("restart_batch", self.restart_batch)
         _positive_int("accept_batch", self.accept_batch)

@@ -180,6 +180,9 @@ class Worker:
         self.handler = handler
         self.is_protocol = isinstance(handler, AsyncioProtocol)
         self.is_async = self.is_protocol or is_async_handler(handler)
+        # Connections handled at once (0: no limit). Beyond it they wait where a dead
+        # worker does not lose them: in the channel, or in the listen backlog.
+        self.capacity = config.max_connections if self.is_async else config.threads
         self.user_space = config.user_space
         self.report_done = self.user_space and _needs_loads(config)
         self.active = 0
@@ -216,8 +219,7 @@ class Worker:
         if not self.user_space:
             loop.add_reader(self.channel.fileno(), self._on_channel)  # control only
         self._resume()
-        max_batch = _fdpass.SCM_MAX_FD if self.is_async else min(self.config.threads, _fdpass.SCM_MAX_FD)
-        self._send(protocol.Ready(max_batch))
+        self._send(protocol.Ready(min(self.capacity or _fdpass.SCM_MAX_FD, _fdpass.SCM_MAX_FD)))
         self._heartbeat()
         try:
             return await self._finished
@@ -229,7 +231,7 @@ class Worker:
     def _has_capacity(self) -> bool:
         if self.draining:
             return False
-        return self.is_async or self.active < self.config.threads
+        return self.active < self.capacity if self.capacity else True
 
     def _resume(self) -> None:
         """Take connections again: from the channel (user-space) or the listeners (kernel)."""
@@ -284,7 +286,7 @@ class Worker:
                 return
 
     def _on_accept(self, sock: socket.socket) -> None:
-        limit = 64 if self.is_async else max(0, self.config.threads - self.active)
+        limit = max(0, self.capacity - self.active) if self.capacity else 64
         try:
             count = _fdpass.accept_batch(sock.fileno(), self._accept_buf, limit)
         except OSError as exc:
