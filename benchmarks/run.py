@@ -1,11 +1,12 @@
 """Benchmark dispatch's balance modes side by side, with wrk, on 127.0.0.1.
 
-    python benchmarks/run.py --quick                 # about a minute
+    python benchmarks/run.py --quick                 # about two minutes
     python benchmarks/run.py --rounds 3 --duration 8
 
 Every target serves the same tiny HTTP response: the four dispatch modes run
 ``dispatch.demo:app`` through the CLI; the peers are Node.js cluster (both
-scheduling policies) and a FLOOR that only accepts and closes. Targets are
+scheduling policies), gunicorn (sync workers) and uvicorn --workers on
+``benchmarks/peers/python_apps.py``, and a FLOOR that only accepts and closes. Targets are
 interleaved within each round (A B C D ... A B C D ...) and each metric is
 reported as the median over rounds with its min-max spread. See
 benchmarks/README.md for what each number means and how it is measured.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -30,7 +32,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +44,14 @@ PEERS = HERE / "peers"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 DISPATCH_MODES = ["round-robin", "least-connections", "reuseport", "shared"]
-PEER_TARGETS = ["node-rr", "node-none", "floor-pass", "floor-close"]
+PEER_TARGETS = ["node-rr", "node-none", "gunicorn-sync", "uvicorn", "floor-pass", "floor-close"]
 FLOORS = ("floor-pass", "floor-close")
+# target -> the module run with ``python -m``, on benchmarks.peers.python_apps (repo root on PYTHONPATH)
+PYTHON_PEERS = {"gunicorn-sync": "gunicorn", "uvicorn": "uvicorn"}
 ALL_TARGETS = DISPATCH_MODES + PEER_TARGETS
-WORKLOADS = ["tiny", "keepalive", "mixed"]
+WORKLOADS = ["tiny", "keepalive", "mixed", "slowio"]
+# New connection per request with a share of slow paths, and a fast-only probe next to it.
+MIXED_WORKLOADS = ("mixed", "slowio")
 # Run by failures.py (30 s runs, 10 s with --quick) after the workloads above: --workloads failure,restart
 FAILURE_WORKLOADS = ["failure", "restart"]
 # The floor answers nothing, so only the connection-rate workload means anything for it.
@@ -51,7 +59,12 @@ FLOOR_WORKLOADS = {"tiny"}
 
 SLOW_PATH = "/burn?ms=30"
 SLOW_SHARE = 0.02
+SLOWIO_PATH = "/slow?ms=50"  # sleeps (asyncio.sleep / time.sleep / setTimeout): waits, burns nothing
+SLOWIO_SHARE = 0.10
+MIX = {"mixed": (SLOW_PATH, SLOW_SHARE), "slowio": (SLOWIO_PATH, SLOWIO_SHARE)}
 PROBE_CONNECTIONS = 4
+MEMORY_SAMPLE_S = 0.2  # RSS sampling period during a wrk run
+HEALTH_SETTLE_S = 1.2  # kernel modes: a worker's count arrives with its heartbeat (every 1 s)
 
 # wrk prints this line from the Lua done() hook: exact counters and percentiles
 # instead of wrk's rounded text report.
@@ -68,19 +81,26 @@ done = function(summary, latency, requests)
 end
 """
 
-MIXED_LUA = f"""
--- Each request picks its path: {SLOW_SHARE:.0%} burn 30 ms of CPU, the rest are instant.
+
+
+def mixed_lua(path: str, share: float) -> str:
+    return f"""
+-- Each request picks its path: {share:.0%} {path}, the rest are instant.
 -- Built in init(): only then does wrk.headers hold Host (and the -H headers).
 local slow, fast
 init = function(args)
-  slow = wrk.format(nil, "{SLOW_PATH}")
+  slow = wrk.format(nil, "{path}")
   fast = wrk.format(nil, "/")
 end
 request = function()
-  if math.random() < {SLOW_SHARE} then return slow end
+  if math.random() < {share} then return slow end
   return fast
 end
 """ + DONE_LUA
+
+
+MIXED_LUA = mixed_lua(SLOW_PATH, SLOW_SHARE)
+SLOWIO_LUA = mixed_lua(SLOWIO_PATH, SLOWIO_SHARE)
 
 
 def log(message: str) -> None:
@@ -112,12 +132,69 @@ def start_time(pid: int) -> int | None:
 
 
 def children(pid: int) -> list[int]:
+    """The workers: children of ``pid``, without multiprocessing's resource tracker (uvicorn's spawn)."""
     out: list[int] = []
     with contextlib.suppress(OSError):
         for task in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 out += [int(p) for p in f.read().split()]
-    return sorted(out)
+    return sorted(p for p in out if b"resource_tracker" not in cmdline(p))
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def rss_bytes(pid: int) -> int | None:
+    """VmRSS from /proc/PID/status, or None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class MemorySampler:
+    """Samples the RSS of the primary and of its workers every MEMORY_SAMPLE_S in a thread.
+
+    Peak of the primary, and peak over samples of the workers' summed RSS (children
+    re-read at every sample, so a worker started during the run counts too).
+    """
+
+    def __init__(self, pid: int, with_workers: bool) -> None:
+        self.pid, self.with_workers = pid, with_workers
+        self.primary_peak = 0
+        self.workers_peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        self.primary_peak = max(self.primary_peak, rss_bytes(self.pid) or 0)
+        if self.with_workers:
+            self.workers_peak = max(self.workers_peak, sum(rss_bytes(k) or 0 for k in children(self.pid)))
+        self.samples += 1
+
+    def _run(self) -> None:
+        while True:
+            self._sample()
+            if self._stop.wait(MEMORY_SAMPLE_S):
+                return
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def jain(values: list[float]) -> float | None:
@@ -148,6 +225,14 @@ def server_command(target: str, port: int, workers: int, log_level: str = "warni
     elif target in FLOORS:
         cmd = [sys.executable, str(PEERS / "accept_close.py"), "127.0.0.1", str(port),
                target.removeprefix("floor-")]
+    elif target == "gunicorn-sync":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+        cmd = [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--worker-class", "sync",
+               "--bind", f"127.0.0.1:{port}", "--log-level", "warning", "benchmarks.peers.python_apps:wsgi"]
+    elif target == "uvicorn":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+        cmd = [sys.executable, "-m", "uvicorn", "--workers", str(workers), "--host", "127.0.0.1",
+               "--port", str(port), "--log-level", "warning", "benchmarks.peers.python_apps:asgi"]
     else:
         raise ValueError(f"unknown target {target!r}")
     return cmd, env
@@ -162,6 +247,10 @@ def display_command(target: str, workers: int, log_level: str = "warning",
     elif target.startswith("node-"):
         text = text.replace(" 0 ", " PORT ")
         text = f"NODE_CLUSTER_SCHED_POLICY={target.removeprefix('node-')} {text}"
+    elif target == "uvicorn":
+        text = f"PYTHONPATH=. {text.replace('--port 0 ', '--port PORT ')}"
+    elif target in PYTHON_PEERS:
+        text = f"PYTHONPATH=. {text}"
     return text.replace(str(HERE.parent) + "/", "")
 
 
@@ -191,6 +280,7 @@ class Server:
     seen_pids: set[int] = field(default_factory=set)
     log_level: str = "warning"
     dispatch_args: tuple[str, ...] = ()
+    health_port: int | None = None  # dispatch started with --health 127.0.0.1:health_port
 
     @property
     def pid(self) -> int:
@@ -252,6 +342,15 @@ class Server:
             line += byte
         return line.decode().strip()
 
+    def worker_connections(self) -> dict[int, int] | None:
+        """pid -> connections_total of each worker, from the health endpoint (dispatch only)."""
+        if self.health_port is None:
+            return None
+        url = f"http://127.0.0.1:{self.health_port}/cluster-health"
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - 127.0.0.1, our port
+            doc = json.load(resp)
+        return {w["pid"]: int(w["connections_total"]) for w in doc["workers"]}
+
     def accepted(self) -> int:
         """The floor server's own count of accepted connections."""
         os.kill(self.pid, signal.SIGUSR1)
@@ -303,9 +402,9 @@ def wrk_command(port: int, workload: str, connections: int, threads: int, durati
                 scripts: dict[str, Path], probe: bool = False) -> list[str]:
     cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s",
            "--timeout", "2s"]
-    if workload in ("tiny", "mixed"):
+    if workload in ("tiny", *MIXED_WORKLOADS):
         cmd += ["-H", "Connection: close"]
-    script = scripts["mixed"] if workload == "mixed" and not probe else scripts["done"]
+    script = scripts[workload] if workload in MIXED_WORKLOADS and not probe else scripts["done"]
     cmd += ["-s", str(script), f"http://127.0.0.1:{port}/"]
     return cmd
 
@@ -361,25 +460,33 @@ def measure(server: Server, workload: str, args: argparse.Namespace, scripts: di
     before = {pid: cpu_ticks(pid) for pid in [server.pid, *workers]}
     offset = server.log_path.stat().st_size
     accepted0 = server.accepted() if server.target in FLOORS else 0
+    conns0 = server.worker_connections()
     main_cmd = wrk_command(server.port, workload, args.connections, args.wrk_threads, duration, scripts)
     probe_cmd = None
     t0 = time.monotonic()
-    main = start_wrk(main_cmd)
-    probe = None
-    try:
-        if workload == "mixed":
-            probe_cmd = wrk_command(server.port, "tiny", PROBE_CONNECTIONS, 1, duration, scripts, probe=True)
-            probe = start_wrk(probe_cmd)
-        result = finish_wrk(main, duration + 30)
-        probe_result = finish_wrk(probe, duration + 30) if probe else None
-    finally:
-        for w in (main, probe):
-            if w is not None and w.proc.poll() is None:
-                w.proc.kill()
-                w.proc.wait(timeout=5)
+    with MemorySampler(server.pid, with_workers=server.target not in FLOORS) as memory:
+        main = start_wrk(main_cmd)
+        probe = None
+        try:
+            if workload in MIXED_WORKLOADS:
+                probe_cmd = wrk_command(server.port, "tiny", PROBE_CONNECTIONS, 1, duration, scripts, probe=True)
+                probe = start_wrk(probe_cmd)
+            result = finish_wrk(main, duration + 30)
+            probe_result = finish_wrk(probe, duration + 30) if probe else None
+        finally:
+            for w in (main, probe):
+                if w is not None and w.proc.poll() is None:
+                    w.proc.kill()
+                    w.proc.wait(timeout=5)
     wall = time.monotonic() - t0
     accepted1 = server.accepted() if server.target in FLOORS else 0
     after = {pid: cpu_ticks(pid) for pid in before}
+    conn_share = None
+    if conns0 is not None:
+        if server.target in ("reuseport", "shared"):
+            time.sleep(HEALTH_SETTLE_S)  # the workers' own counts arrive with their next heartbeat
+        conns1 = server.worker_connections() or {}
+        conn_share = [conns1[pid] - conns0[pid] for pid in sorted(conns0) if pid in conns1]
     _, logs = count_log(server.log_path, offset)
 
     def delta(pid: int) -> float:
@@ -411,14 +518,24 @@ def measure(server: Server, workload: str, args: argparse.Namespace, scripts: di
         "primary_cpu_us_per": primary_cpu / completed * 1e6 if completed else None,
         "server_cpu_us_per": (primary_cpu + sum(worker_cpu)) / completed * 1e6 if completed else None,
         "jain_worker_cpu": jain(worker_cpu),
+        "worker_connections": conn_share,
+        "jain_connections": jain(conn_share) if conn_share else None,
+        "primary_peak_mib": memory.primary_peak / 2**20 if memory.primary_peak else None,
+        "workers_peak_mib": memory.workers_peak / 2**20 if memory.workers_peak else None,
+        "memory_samples": memory.samples,
         **logs,
     }
+    if conn_share and sum(conn_share) > 0:
+        # Sorted largest first: which worker is "first" changes between runs.
+        for i, share in enumerate(sorted(conn_share, reverse=True)):
+            rec[f"conn_share_{i}"] = 100 * share / sum(conn_share)
     if server.target in FLOORS:
         rec["p50_ms"] = rec["p99_ms"] = rec["max_ms"] = None  # latency of a reset means nothing
     if probe_result is not None:
         rec["probe"] = shlex.join(probe_cmd or [])
         rec["fast_p50_ms"] = probe_result["p50_us"] / 1000
         rec["fast_p99_ms"] = probe_result["p99_us"] / 1000
+        rec["fast_max_ms"] = probe_result["max_us"] / 1000
         rec["fast_rate"] = probe_result["requests"] / (probe_result["duration_us"] / 1e6)
         rec["probe_errors"] = (probe_result["status"] + probe_result["connect"] + probe_result["read"]
                                + probe_result["write"] + probe_result["timeout"])
@@ -492,8 +609,9 @@ def fmt(s: dict[str, float] | None, digits: int = 0, unit: str = "") -> str:
 
 
 def build_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    keys = ["rate", "p50_ms", "p99_ms", "non2xx", "socket_errors", "primary_cpu_us_per",
-            "server_cpu_us_per", "jain_worker_cpu", "fast_p50_ms", "fast_p99_ms", "fast_rate",
+    keys = ["rate", "p50_ms", "p99_ms", "max_ms", "non2xx", "socket_errors", "primary_cpu_us_per",
+            "server_cpu_us_per", "jain_worker_cpu", "jain_connections", "primary_peak_mib",
+            "workers_peak_mib", "fast_p50_ms", "fast_p99_ms", "fast_max_ms", "fast_rate",
             "probe_errors", "log_task_destroyed"]
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for rec in records:
@@ -505,6 +623,8 @@ def build_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str
             runs = entry.pop("runs")
             for key in keys:
                 entry[key] = summarize([r.get(key) for r in runs])
+            shares = sorted({k for r in runs for k in r if k.startswith("conn_share_")})
+            entry["conn_share_pct"] = [summarize([r.get(k) for r in runs]) for k in shares] or None
             entry["stops_sigkilled"] = sum(1 for r in runs if r.get("server_sigkilled"))
     return out
 
@@ -529,6 +649,8 @@ def markdown(summary: dict[str, Any], records: list[dict[str, Any]], machine: di
         "tiny": "## tiny: a new connection per request (`Connection: close`)",
         "keepalive": "## keepalive: tiny request, keep-alive connections",
         "mixed": f"## mixed: new connection per request, {SLOW_SHARE:.0%} of them `{SLOW_PATH}`",
+        "slowio": f"## slowio: new connection per request, {SLOWIO_SHARE:.0%} of them `{SLOWIO_PATH}` "
+                  "(sleeping, not burning)",
     }
     for workload in WORKLOADS:
         by_target = summary.get(workload)
@@ -537,18 +659,20 @@ def markdown(summary: dict[str, Any], records: list[dict[str, Any]], machine: di
         lines += [titles[workload], ""]
         rate = "conn/s" if workload != "keepalive" else "req/s"
         per = "conn" if workload != "keepalive" else "req"
-        head = ["target", rate, "p50 ms", "p99 ms"]
-        if workload == "mixed":
+        head = ["target", rate, "p50 ms", "p99 ms", "max ms"]
+        if workload in MIXED_WORKLOADS:
             head += ["fast-only p50 ms", "fast-only p99 ms"]
         head += ["non-2xx", "socket errors", f"primary CPU µs/{per}"]
         if workload == "tiny":
             head += [f"÷ {f}" for f in FLOORS if floors[f]]
-        head += [f"server CPU µs/{per}", "Jain (worker CPU)", "tasks destroyed (log)"]
+        head += [f"server CPU µs/{per}", "Jain (worker CPU)", "Jain (connections)", "worker share of conns %",
+                 "primary peak MiB", "workers peak MiB (sum)", "tasks destroyed (log)"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for target in [t for t in ALL_TARGETS if t in by_target]:
             e = by_target[target]
-            row = [target, fmt(e["rate"]), fmt(e["p50_ms"], 2), fmt(e["p99_ms"], 2)]
-            if workload == "mixed":
+            name = target + (" ²" if target == "gunicorn-sync" and workload == "keepalive" else "")
+            row = [name, fmt(e["rate"]), fmt(e["p50_ms"], 2), fmt(e["p99_ms"], 2), fmt(e["max_ms"], 1)]
+            if workload in MIXED_WORKLOADS:
                 row += [fmt(e["fast_p50_ms"], 2), fmt(e["fast_p99_ms"], 2)]
             cpu = fmt(e["primary_cpu_us_per"], 1 if workload != "keepalive" else 2)
             if target in ("reuseport", "shared", "node-none"):
@@ -562,12 +686,25 @@ def markdown(summary: dict[str, Any], records: list[dict[str, Any]], machine: di
                         ok = p and floor["median"] and (target in accepting or target == f)
                         row += [f"{p['median'] / floor['median']:.2f}×" if ok else "–"]
             destroyed = fmt(e["log_task_destroyed"]) if target in DISPATCH_MODES else "–"
-            row += [fmt(e["server_cpu_us_per"], 1), fmt(e["jain_worker_cpu"], 3), destroyed]
+            share = " / ".join(fmt(x) for x in e["conn_share_pct"]) if e.get("conn_share_pct") else "–"
+            row += [fmt(e["server_cpu_us_per"], 1), fmt(e["jain_worker_cpu"], 3), fmt(e["jain_connections"], 3),
+                    share, fmt(e["primary_peak_mib"], 1), fmt(e["workers_peak_mib"], 1), destroyed]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     lines += [
         "¹ kernel balancing: the primary (Node's primary for node-none) accepts nothing; the number "
         "is its idle housekeeping divided by the connections the workers served.",
+        "",
+        "² gunicorn's sync workers close the connection after every response (`Connection: close`), "
+        "so its keepalive run is in fact a new connection per request, like tiny.",
+        "",
+        "Jain (connections), worker share of conns: dispatch modes only, from the connections_total "
+        "of each worker in `/cluster-health` (`--health`) before and after the run; share = each "
+        "worker's part, largest first (median per rank over rounds). User-space modes count what the "
+        "primary passed, kernel modes what each worker reported in its heartbeat. The other servers "
+        "do not expose it. Memory: VmRSS from /proc every "
+        f"{MEMORY_SAMPLE_S:g} s during the run; workers = the peak over samples of their sum. "
+        "max ms: wrk's largest latency of the run (one request: noisy).",
         "",
         "Floors: `benchmarks/peers/accept_close.py`, a plain Python epoll loop around "
         "`dispatch._fdpass.accept_batch`; floor-pass then passes each batch with `send_fds(close_sent=True)` "
@@ -604,8 +741,8 @@ def markdown(summary: dict[str, Any], records: list[dict[str, Any]], machine: di
                                          for r in failed] + [""]
     lines += ["## Exact commands", "", "Servers (PORT = a free port picked per server start):", ""]
     lines += [f"- {t}: `{c}`" for t, c in commands.items()]
-    lines += ["", "Load (wrk; `done.lua` prints exact counters and percentiles, `mixed.lua` also "
-              "picks the path per request; both are written next to results.json):", ""]
+    lines += ["", "Load (wrk; `done.lua` prints exact counters and percentiles, `mixed.lua` and "
+              "`slowio.lua` also pick the path per request; all are written next to results.json):", ""]
     seen: set[str] = set()
     for r in records:
         for key in ("wrk", "probe"):
@@ -634,8 +771,8 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
         targets = [t for t in ALL_TARGETS if t in by_target]
         for row, (key, label) in enumerate([
             ("rate", "conn/s" if workload != "keepalive" else "req/s"),
-            ("fast_p99_ms" if workload == "mixed" else "p99_ms",
-             "fast-only p99 ms" if workload == "mixed" else "p99 ms"),
+            ("fast_p99_ms" if workload in MIXED_WORKLOADS else "p99_ms",
+             "fast-only p99 ms" if workload in MIXED_WORKLOADS else "p99 ms"),
         ]):
             ax = axes[row][col]
             stats = [by_target[t].get(key) for t in targets]
@@ -659,7 +796,7 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 round of 2 s runs (about a minute)")
+    p.add_argument("--quick", action="store_true", help="1 round of 2 s runs (about two minutes)")
     p.add_argument("--duration", type=int, help="seconds per wrk run (default 8; 2 with --quick)")
     p.add_argument("--rounds", type=int, help="rounds over all targets (default 3; 1 with --quick)")
     p.add_argument("--connections", type=int, default=64, help="wrk connections (default %(default)s)")
@@ -726,21 +863,28 @@ def run_failures(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
-    """The mode and peer comparison: tiny, keepalive, mixed."""
+    """The mode and peer comparison: tiny, keepalive, mixed, slowio."""
     if shutil.which("wrk") is None:
         log("wrk not found (Debian package 'wrk')")
         return 2
     if shutil.which("node") is None and any(m.startswith("node-") for m in args.modes):
         log("node not found: skipping the Node.js cluster peers")
         args.modes = [m for m in args.modes if not m.startswith("node-")]
+    for target, module in PYTHON_PEERS.items():
+        if target in args.modes and importlib.util.find_spec(module) is None:
+            log(f"{module} not importable (pip install {module}): skipping {target}")
+            args.modes.remove(target)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    scripts = {"done": out / "done.lua", "mixed": out / "mixed.lua"}
+    scripts = {"done": out / "done.lua", "mixed": out / "mixed.lua", "slowio": out / "slowio.lua"}
     scripts["done"].write_text(DONE_LUA)
     scripts["mixed"].write_text(MIXED_LUA)
+    scripts["slowio"].write_text(SLOWIO_LUA)
     machine = machine_info()
-    commands = {t: display_command(t, args.workers) for t in args.modes}
+    health = ("--health", "127.0.0.1:HPORT")
+    commands = {t: display_command(t, args.workers, dispatch_args=health if t in DISPATCH_MODES else ())
+                for t in args.modes}
     records: list[dict[str, Any]] = []
     total = sum(len([w for w in args.workloads if t not in FLOORS or w in FLOOR_WORKLOADS])
                 for t in args.modes) * args.rounds
@@ -752,6 +896,9 @@ def compare(args: argparse.Namespace) -> int:
             if not workloads:
                 continue
             server = Server(target, free_port(), args.workers, out / "logs" / f"{target}.r{rnd}.log")
+            if target in DISPATCH_MODES:  # per-worker connection counts come from /cluster-health
+                server.health_port = free_port()
+                server.dispatch_args = ("--health", f"127.0.0.1:{server.health_port}")
             mine: list[dict[str, Any]] = []
             try:
                 server.start(boot_timeout=20)

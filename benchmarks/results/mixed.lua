@@ -1,5 +1,5 @@
 
--- Each request picks its path: 2% burn 30 ms of CPU, the rest are instant.
+-- Each request picks its path: 2% /burn?ms=30, the rest are instant.
 -- Built in init(): only then does wrk.headers hold Host (and the -H headers).
 local slow, fast
 init = function(args)
