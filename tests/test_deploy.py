@@ -119,6 +119,26 @@ def test_broken_new_version_aborts_and_the_old_keeps_answering(tmp_path: Path) -
             assert request(server.address).startswith("version one")
 
 
+def test_recycling_into_broken_code_backs_off_and_retries_once_fixed(tmp_path: Path) -> None:
+    _write_app(tmp_path, APP_V1)
+    with ServerProcess("deployed_app:app", cwd=tmp_path,
+                       cli=["--workers", "1", "--bind", "127.0.0.1:0", "--max-requests", "5",
+                            "--log-level", "debug"]) as server:
+        (old,) = server.wait_ready(1)
+        _write_app(tmp_path, APP_V1 + "\nraise ImportError('version three is broken')\n")
+        for _ in range(5):
+            assert request(server.address).startswith("version one")
+        # Each failed replacement is retried after a growing wait; the old worker keeps answering.
+        wait_for(lambda: server.log().count("recycling worker 0 again in") >= 2, timeout=30, what="two retries")
+        log = server.log()
+        assert "again in 0.5s" in log and "again in 1s" in log
+        assert old in server.workers()
+        assert request(server.address).startswith("version one")
+        _write_app(tmp_path, APP_V1.replace("version one", "version two"))
+        wait_for(lambda: old not in server.workers(), timeout=30, what="the recycle to succeed")
+        assert request(server.address).startswith("version two")
+
+
 def test_ttin_and_ttou_scale_the_workers() -> None:
     with ServerProcess(workers=2) as server:
         server.wait_ready(2)

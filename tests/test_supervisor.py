@@ -412,11 +412,46 @@ def test_recycle_spawns_the_replacement_before_draining() -> None:
     cluster = started(2)
     pid = cluster.last_pid(1)
     actions = cluster.apply(cluster.sup.recycle(pid, cluster.now, "too fat"))
-    assert only(actions, Spawn) == [Spawn(1, pid)]
+    assert only(actions, Spawn) == [Spawn(1, pid, "recycle")]
     assert "too fat" in logs(actions, logging.INFO)[0]
     assert cluster.sup.recycle(pid, cluster.now, "again") == []  # once
     assert cluster.ready(cluster.last_pid(1)) == [Drain(pid)]
     assert cluster.exited(pid, "exited with code 0") == []
+
+
+def test_failed_recycle_replacement_is_retried_after_a_backoff() -> None:
+    cluster = started(2, backoff_base=1.0, backoff_max=4.0)
+    old = cluster.last_pid(1)
+    cluster.apply(cluster.sup.recycle(old, cluster.now, "max_requests"))
+    # The replacement dies during boot: the old worker keeps serving, no drain.
+    actions = cluster.exited(cluster.last_pid(1))
+    assert only(actions, Drain) == [] and only(actions, Spawn) == []
+    assert "recycling worker 1 again in 1s" in logs(actions, logging.ERROR)[0]
+    # Heartbeats keep asking (max_memory does, every second): nothing before the backoff.
+    assert cluster.apply(cluster.sup.recycle(old, cluster.now, "max_memory")) == []
+    assert cluster.tick(0.5) == []
+    # After it, the tick retries on its own; each failure doubles the wait, up to backoff_max.
+    waits = []
+    for _ in range(4):
+        assert only(cluster.tick(cluster.sup.slots[1].recycle_not_before), Spawn) == [Spawn(1, old, "recycle")]
+        message = logs(cluster.exited(cluster.last_pid(1)), logging.ERROR)[0]
+        waits.append(message.rsplit(" in ", 1)[1])
+    assert waits == ["2s", "4s", "4s", "4s"]
+    # A replacement that becomes ready ends it: the old worker drains and the count resets.
+    cluster.tick(cluster.sup.slots[1].recycle_not_before)
+    assert cluster.ready(cluster.last_pid(1)) == [Drain(old)]
+    assert cluster.sup.slots[1].recycle_failures == 0
+    assert cluster.exited(old, "exited with code 0") == []
+    assert cluster.tick(cluster.now + 100) == []
+
+
+def test_failed_rolling_restart_replacement_does_not_schedule_a_recycle() -> None:
+    cluster = started(2)
+    cluster.reload()
+    actions = cluster.exited(cluster.last_pid(0))
+    assert "rolling restart aborted" in logs(actions, logging.ERROR)[0]
+    assert "again" not in logs(actions, logging.ERROR)[0]
+    assert cluster.tick(cluster.now + 100) == []
 
 
 # ------------------------------------------------------------------- scaling
@@ -546,7 +581,7 @@ class SupervisorMachine(RuleBasedStateMachine):
                     old = sup.by_pid[action.replaces]
                     assert old.worker_id == action.worker_id
                     assert old.retiring
-                    if source == "recycle":
+                    if action.cause == "recycle":
                         self.recycled.add(action.replaces)
                 pid = next(self.pids)
                 self.ever_spawned.add(pid)

@@ -581,10 +581,7 @@ class Server:
             self._recycle(worker, now, f"resident memory {report.rss} bytes is over max_memory {self.config.max_memory}")
 
     def _recycle(self, worker: WorkerHandle, now: float, why: str) -> None:
-        actions = self.supervisor.recycle(worker.pid, now, why)
-        if actions:
-            self._count_restart("recycle")
-        self._apply(actions)
+        self._apply(self.supervisor.recycle(worker.pid, now, why))
 
     def _on_exit(self, worker: WorkerHandle) -> None:
         try:
@@ -644,6 +641,8 @@ class Server:
     def _apply(self, actions: list[supervisor.Action]) -> None:
         for action in actions:
             if isinstance(action, supervisor.Spawn):
+                if action.cause:
+                    self._count_restart(action.cause)
                 self._spawn(action.worker_id, action.replaces)
             elif isinstance(action, supervisor.Drain):
                 worker = self.workers.get(action.pid)

@@ -22,10 +22,14 @@ EXIT_BOOT_FAILURE = 3
 
 @dataclass(frozen=True)
 class Spawn:
-    """Fork a worker for slot ``worker_id``; ``replaces`` is the pid it takes over from."""
+    """Fork a worker for slot ``worker_id``; ``replaces`` is the pid it takes over from.
+
+    ``cause`` is set when the spawn is a restart the metrics count ("recycle").
+    """
 
     worker_id: int
     replaces: int | None = None
+    cause: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class WorkerState:
     replaces: int | None = None  # pid of the worker this one takes over from
     retiring: bool = False  # a replacement is on its way; exit is expected
     kill_cause: str | None = None
+    recycle_why: str | None = None  # asked to recycle; retried after a failed replacement
 
 
 @dataclass
@@ -81,6 +86,8 @@ class Slot:
     boot_failures: int = 0
     respawn_at: float | None = None
     restarts: int = 0
+    recycle_failures: int = 0  # replacements for a recycle that died before ready, in a row
+    recycle_not_before: float = 0.0
 
 
 @dataclass
@@ -126,7 +133,10 @@ class Supervisor:
             return []
         worker.state, worker.last_seen, worker.deadline = READY, now, None
         self.ever_ready = True
-        self.slots[worker.worker_id].boot_failures = 0
+        slot = self.slots[worker.worker_id]
+        slot.boot_failures = 0
+        if worker.replaces is not None:
+            slot.recycle_failures = 0
         actions: list[Action] = []
         if self.stopping:
             return self._drain(worker, now)
@@ -164,7 +174,7 @@ class Supervisor:
                 successor.replaces = worker.replaces
             else:
                 # A replacement died before it was ready: keep the old worker serving...
-                actions += self._abort_restart(worker, f"new worker {pid} {how} before it was ready")
+                actions += self._abort_restart(worker, f"new worker {pid} {how} before it was ready", now)
             expected = True
         if expected and worker.worker_id not in self._live_ids() and worker.worker_id < self.workers:
             # ...unless it is gone too: refill the slot.
@@ -210,6 +220,10 @@ class Supervisor:
                     slot.respawn_at = None
                     if worker_id < self.workers and worker_id not in self._live_ids():
                         actions.append(Spawn(worker_id))
+            for worker in list(self.by_pid.values()):
+                # A recycle whose replacement failed is tried again after its backoff.
+                if worker.recycle_why is not None and not worker.retiring and worker.state == READY:
+                    actions += self.recycle(worker.pid, now, worker.recycle_why)
         return actions
 
     # --------------------------------------------------------- operations
@@ -254,9 +268,16 @@ class Supervisor:
             return []
         if worker.worker_id >= self.workers:
             return []  # scaled away: it is being killed, not replaced
+        slot = self.slots[worker.worker_id]
+        first_request = worker.recycle_why is None
+        worker.recycle_why = why
+        if now < slot.recycle_not_before:
+            if not first_request:
+                return []
+            return [Log(logging.WARNING, f"recycling worker {worker.worker_id} (pid {pid}) deferred for {slot.recycle_not_before - now:.1f}s after a failed replacement: {why}")]
         worker.retiring = True
-        self.slots[worker.worker_id].restarts += 1
-        return [Log(logging.INFO, f"recycling worker {worker.worker_id} (pid {pid}): {why}"), Spawn(worker.worker_id, pid)]
+        slot.restarts += 1
+        return [Log(logging.INFO, f"recycling worker {worker.worker_id} (pid {pid}): {why}"), Spawn(worker.worker_id, pid, "recycle")]
 
     def scale(self, delta: int, now: float) -> list[Action]:
         """SIGTTIN (+1) / SIGTTOU (-1); never below one worker."""
@@ -320,14 +341,22 @@ class Supervisor:
                 actions += self.reload(now)
         return actions
 
-    def _abort_restart(self, new: WorkerState, why: str) -> list[Action]:
+    def _abort_restart(self, new: WorkerState, why: str, now: float) -> list[Action]:
         old = self.by_pid.get(new.replaces) if new.replaces is not None else None
+        retry = ""
         if old is not None:
             old.retiring = False
+            if old.recycle_why is not None:
+                # Back off before the next recycle attempt, as for a crash loop.
+                slot = self.slots[old.worker_id]
+                slot.recycle_failures += 1
+                delay = min(self.backoff_max, self.backoff_base * 2 ** (slot.recycle_failures - 1))
+                slot.recycle_not_before = now + delay
+                retry = f"; recycling worker {old.worker_id} again in {delay:g}s"
         was_rolling = self.restarting
         self.restarting = False
         self.reload_pending = False
         self.restart_queue.clear()
         what = "rolling restart aborted" if was_rolling else "replacement failed"
-        return [Log(logging.ERROR, f"{what}: {why}; the old workers keep serving")]
+        return [Log(logging.ERROR, f"{what}: {why}; the old workers keep serving{retry}")]
 
