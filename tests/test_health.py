@@ -35,7 +35,7 @@ from dispatch.protocol import Heartbeat
 from tests.helpers import ServerProcess, connect, request, wait_for
 
 WORKER_FIELDS = {
-    "id", "pid", "state", "uptime_s", "memory_rss", "cpu_percent", "connections_total",
+    "id", "pid", "state", "stalled", "uptime_s", "memory_rss", "cpu_percent", "connections_total",
     "connections_active", "heartbeat_age_s", "restarts",
 }
 
@@ -133,7 +133,7 @@ class Loop:
 def fake_worker(worker_id: int, pid: int, state: str = "ready", sent: int = 0,
                 report: Heartbeat | None = None) -> SimpleNamespace:
     return SimpleNamespace(worker_id=worker_id, pid=pid, state=state, sent=sent, done=0, report=report,
-                           started_at=time.time() - 2.0, last_seen=time.monotonic() - 0.5)
+                           stalled=False, started_at=time.time() - 2.0, last_seen=time.monotonic() - 0.5)
 
 
 def fake_primary(workers: list[SimpleNamespace] | None = None) -> SimpleNamespace:
@@ -150,7 +150,7 @@ def fake_primary(workers: list[SimpleNamespace] | None = None) -> SimpleNamespac
         started_at=time.time() - 10.0,
         config=SimpleNamespace(balance="round-robin"),
         restarts_by_cause={"signal": 2, "oom": 1},
-        stats={"salvaged": 3, "backpressure": 4, "accept_errors": 0},
+        stats={"salvaged": 3, "backpressure": 4, "accept_errors": 0, "stalls": 1},
         _accepting=True,
         _pending=[5, 6],
     )
@@ -285,6 +285,7 @@ def test_metrics_exposition(harness: Any) -> None:
     assert samples[("dispatch_worker_restarts_total", (("cause", "timeout"),))] == 0
     assert samples[("dispatch_accept_backpressure_total", ())] == 4
     assert samples[("dispatch_connections_salvaged_total", ())] == 3
+    assert samples[("dispatch_worker_stalls_total", ())] == 1
     assert samples[("dispatch_workers", (("state", "ready"),))] == 1
     assert samples[("dispatch_workers", (("state", "booting"),))] == 1
     assert samples[("dispatch_workers", (("state", "draining"),))] == 0

@@ -54,20 +54,49 @@ def test_stopped_worker_is_killed_after_timeout_and_its_queue_answered() -> None
         os.kill(victim, signal.SIGSTOP)
         try:
             started = time.monotonic()
-            # Round-robin keeps sending to the stopped worker: those wait in its channel.
+            # Round-robin sends to the stopped worker until it is passed over (1.25 s of
+            # silence): those connections wait in its channel.
             load = Load(server.address, clients=4, max_requests=40, max_seconds=30)
             load.wait_requests(40, timeout=30)
             load.stop()
             elapsed = time.monotonic() - started
+            # Passed over after 1.25 s of silence, killed at 2 s.
+            wait_for(lambda: not pid_alive(victim), timeout=10, what="the stopped worker to be killed")
         finally:
             if pid_alive(victim):
                 os.kill(victim, signal.SIGCONT)
-        assert not pid_alive(victim)
         assert load.failed == [] and load.ok == 40
         log = server.log()
         assert "sent no heartbeat" in log
         assert _salvaged(log) > 0
         assert elapsed < 10
+
+
+def test_stalled_worker_gets_nothing_new_and_its_queue_moves_long_before_timeout() -> None:
+    # timeout 20 s: heartbeats every second, a worker silent for 2.5 s is passed over.
+    with ServerProcess(workers=2, timeout=20) as server:
+        victim, other = server.wait_ready(2)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            load = Load(server.address, clients=4, max_requests=40, max_seconds=30)
+            load.wait_requests(40, timeout=15)
+            load.stop()
+            elapsed = time.monotonic() - started
+            assert load.failed == [] and load.ok == 40
+            assert set(load.pids) == {other}
+            assert elapsed < 10  # not the 20 s timeout
+            log = server.log()
+            assert f"(pid {victim}) silent for" in log
+            assert _salvaged(log) > 0
+            assert pid_alive(victim)  # passed over, not killed
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        wait_for(lambda: f"(pid {victim}) speaks again" in server.log(), timeout=10, what="resume")
+        load = Load(server.address, clients=2, max_requests=20, max_seconds=30)
+        load.wait_requests(20, timeout=15)
+        load.stop()
+        assert load.failed == [] and victim in load.pids
 
 
 def test_worker_garbage_on_the_channel_gets_it_replaced() -> None:

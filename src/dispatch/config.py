@@ -181,6 +181,12 @@ class Config:
         """How often workers report: often enough that a report is never stale for long."""
         return min(1.0, self.timeout / 4)
 
+    @property
+    def stall_after(self) -> float:
+        """Silence after which a worker gets no new connections: 2.5 missed reports, well
+        before ``timeout`` kills it."""
+        return 2.5 * self.heartbeat_interval
+
 
 def _lookup_user(user: str | int | None) -> int | None:
     if user is None:

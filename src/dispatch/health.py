@@ -381,6 +381,7 @@ class HealthServer:
                 "id": w.worker_id,
                 "pid": w.pid,
                 "state": w.state,
+                "stalled": w.stalled,
                 "uptime_s": round(wall - w.started_at, 3),
                 "memory_rss": worker_rss(w),
                 "cpu_percent": self._cpu_percent(w, wall),
@@ -469,6 +470,9 @@ class MetricsCollector:
         yield CounterMetricFamily("dispatch_connections_salvaged",
                                   "Connections taken back from dead workers and passed to others.",
                                   value=stats.get("salvaged", 0))
+        yield CounterMetricFamily("dispatch_worker_stalls",
+                                  "Times a worker went silent and stopped receiving connections.",
+                                  value=stats.get("stalls", 0))
         yield CounterMetricFamily("dispatch_accept_errors", "Failed accept() calls in the primary.",
                                   value=stats.get("accept_errors", 0))
         yield GaugeMetricFamily("dispatch_accept_paused",

@@ -53,6 +53,7 @@ class WorkerHandle:
     __slots__ = (
         "worker_id", "pid", "pidfd", "channel", "worker_end", "fd", "state", "sent", "done",
         "full", "drain_unsent", "report", "last_seen", "started_at", "request_limit", "max_batch",
+        "stalled",
     )
 
     def __init__(self, worker_id: int, pid: int, pidfd: int, channel: socket.socket,
@@ -73,6 +74,7 @@ class WorkerHandle:
         self.last_seen = time.monotonic()
         self.request_limit = request_limit
         self.max_batch = _fdpass.SCM_MAX_FD  # descriptors per message; the worker says in Ready
+        self.stalled = False  # silent too long: gets nothing until it speaks again
 
 
 class Server:
@@ -103,7 +105,7 @@ class Server:
         self.listeners: list[socket.socket] = []
         self.workers: dict[int, WorkerHandle] = {}  # by pid
         self.started_at = time.time()
-        self.stats = {"salvaged": 0, "backpressure": 0, "accept_errors": 0}
+        self.stats = {"salvaged": 0, "backpressure": 0, "accept_errors": 0, "stalls": 0}
         self._retired_sent = 0  # connections passed to workers that have exited
         self._over_limit: list[WorkerHandle] = []  # workers past max_requests, to recycle
         self.restarts_by_cause: dict[str, int] = {}
@@ -294,6 +296,8 @@ class Server:
 
     def _tick(self, now: float) -> None:
         self._apply(self.supervisor.tick(now))
+        if self.config.user_space:
+            self._check_stalls(now)
         if self._over_limit:
             # Here, not in _dispatch: a fork there would copy the batch still in hand.
             self._recycle_over_limit()
@@ -455,9 +459,31 @@ class Server:
                     break
                 self._pending.extend(self._accept_buf[:count])
 
+    def _check_stalls(self, now: float) -> None:
+        """A ready worker silent for ``stall_after`` seconds gets no new connections, and
+        the ones waiting unread in its channel go to the others, long before ``timeout``
+        kills it. Its channel is a SEQPACKET socket: each message, with its descriptors,
+        is read whole by one side or the other, so nothing is served twice."""
+        limit = self.config.stall_after
+        for worker in list(self.workers.values()):
+            silent = now - worker.last_seen
+            if worker.stalled or worker.state != supervisor.READY or silent <= limit:
+                continue
+            worker.stalled = True
+            self.stats["stalls"] += 1
+            taken = self._take_back(worker)
+            worker.sent -= taken
+            log.warning("worker %d (pid %d) silent for %.1fs: no new connections until it speaks "
+                        "again; %d connections it had not read go to other workers",
+                        worker.worker_id, worker.pid, silent, taken)
+            self._rebuild_targets()
+        if self._pending:
+            self._dispatch_pending()
+
     def _rebuild_targets(self) -> None:
         self._targets = [
-            w for w in self.workers.values() if w.state == supervisor.READY and not w.full
+            w for w in self.workers.values()
+            if w.state == supervisor.READY and not w.full and not w.stalled
         ]
         self._targets.sort(key=lambda w: w.worker_id)
         self._update_accepting()
@@ -527,6 +553,11 @@ class Server:
                 self._kill(worker.pid, "exit")
                 return
             worker.last_seen = now
+            if worker.stalled:
+                worker.stalled = False
+                log.info("worker %d (pid %d) speaks again; passing it connections again",
+                         worker.worker_id, worker.pid)
+                self._rebuild_targets()
             if isinstance(message, protocol.Done):
                 worker.done += message.count
             elif isinstance(message, protocol.Heartbeat):
@@ -614,7 +645,8 @@ class Server:
             self._dispatch_pending()
 
     def _take_back(self, worker: WorkerHandle) -> int:
-        """Connections still unread in a dead worker's channel: keep them for the others."""
+        """Connections still unread in a dead or stalled worker's channel: keep them for
+        the others."""
         taken = 0
         while True:
             try:
