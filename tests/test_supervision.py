@@ -99,6 +99,21 @@ def test_stalled_worker_gets_nothing_new_and_its_queue_moves_long_before_timeout
         assert load.failed == [] and victim in load.pids
 
 
+def test_only_worker_stalled_then_resumed_serves_what_waited() -> None:
+    # With no other worker, the connections taken back wait in the primary, then go back.
+    with ServerProcess(workers=1, timeout=20) as server:
+        (victim,) = server.wait_ready(1)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            load = Load(server.address, clients=4, max_requests=4, max_seconds=30)
+            wait_for(lambda: f"(pid {victim}) silent for" in server.log(), timeout=10, what="the stall")
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        load.wait_requests(4, timeout=15)
+        load.stop()
+        assert load.failed == [] and load.ok == 4 and set(load.pids) == {victim}
+
+
 def test_worker_garbage_on_the_channel_gets_it_replaced() -> None:
     # The handler writes garbage on its own worker's control channel.
     with ServerProcess("tests.apps:garbage_app", workers=2) as server:

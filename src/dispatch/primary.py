@@ -558,6 +558,8 @@ class Server:
                 log.info("worker %d (pid %d) speaks again; passing it connections again",
                          worker.worker_id, worker.pid)
                 self._rebuild_targets()
+                if self._pending:
+                    self._dispatch_pending()
             if isinstance(message, protocol.Done):
                 worker.done += message.count
             elif isinstance(message, protocol.Heartbeat):
