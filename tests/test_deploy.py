@@ -180,6 +180,14 @@ def test_cli_version_and_help() -> None:
     for flag in ("--workers", "--bind", "--balance", "--threads", "--health", "--pidfile", "--timeout",
                  "--graceful-timeout", "--max-requests", "--log-level", "--preload"):
         assert flag in helptext
+    # Every option has its flag, except those that are Python objects.
+    import dataclasses
+
+    from dispatch.config import Config
+    python_only = {"handler", "ssl", "on_starting", "on_worker_start", "on_worker_exit", "on_reload"}
+    for field in dataclasses.fields(Config):
+        if field.init and field.name not in python_only:
+            assert "--" + field.name.replace("_", "-") in helptext, field.name
 
 
 def test_preload_imports_once_so_a_restart_keeps_the_old_code(tmp_path: Path) -> None:

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="connections a worker with a coroutine or protocol handler takes at once; "
                         "0 = no limit (default)")
     parser.add_argument("--backlog", type=int, default=2048, help="listen backlog (default: %(default)s)")
+    parser.add_argument("--accept-batch", type=int, default=256,
+                        help="most connections the primary accepts per wakeup (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds without a heartbeat before a worker is killed (default: %(default)s)")
     parser.add_argument("--graceful-timeout", type=float, default=30.0,
