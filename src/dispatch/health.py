@@ -10,7 +10,10 @@ Hence the rules, all bounded:
 - a client has ``timeout`` seconds in all to send its head and read the
   answer, enforced by ``tick(now)`` (which the primary calls every 0.1 s) and,
   should nobody call it, whenever the client table is full;
-- at most ``max_clients`` at once; beyond that a client gets a 503 and is closed;
+- at most ``max_clients`` at once; when the table is full, a newcomer takes
+  the slot of the oldest client still reading its head (so a crowd of silent
+  clients cannot keep a liveness probe out), and gets a 503 only when every
+  slot is busy writing an answer;
 - reads and writes are non-blocking; an answer that does not fit in the socket
   buffer is finished on ``EPOLLOUT``.
 
@@ -163,7 +166,8 @@ class HealthServer:
             "/healthz": self._healthz,
             "/readyz": self._readyz,
         }
-        self.refused = 0  # clients turned away because max_clients were connected
+        self.refused = 0  # clients turned away because every slot was writing an answer
+        self.evicted = 0  # clients closed before their request to make room for a newcomer
 
     @property
     def address(self) -> str:
@@ -235,16 +239,35 @@ class HealthServer:
         now = time.monotonic()
         if len(self._clients) >= self.max_clients:
             self.tick(now)  # sweep expired clients even if the owner never calls tick()
-        if len(self._clients) >= self.max_clients:
+        if len(self._clients) >= self.max_clients and not self._make_room():
             self.refused += 1
             with contextlib.suppress(OSError):
                 sock.send(_text(503, "too many health clients"), socket.MSG_NOSIGNAL)
+            _discard_input(sock)
             sock.close()
             return
         client = _Client(sock, now + self.timeout)
         self._clients[client.fd] = client
         assert self._register is not None
         self._register(client.fd, select.EPOLLIN, lambda events: self._on_client(client, events))
+
+    def _make_room(self) -> bool:
+        """Free a slot by closing the oldest client still reading its head.
+
+        Clients that never finish a request must not starve the ones that do;
+        the oldest has had the longest to speak. Each candidate gets a last
+        read first, so a request already waiting in its socket is answered,
+        not cut. Clients writing an answer are kept. False if no slot was freed.
+        """
+        # The dict keeps accept order: oldest first.
+        for client in [c for c in self._clients.values() if c.out is None]:
+            self._on_client(client, select.EPOLLIN)
+            if self._clients.get(client.fd) is client and client.out is None:
+                self.evicted += 1
+                self._drop(client)
+            if len(self._clients) < self.max_clients:
+                return True
+        return False
 
     # ------------------------------------------------------------ one client
     def _on_client(self, client: _Client, events: int) -> None:
@@ -311,12 +334,7 @@ class HealthServer:
         if self._unregister is not None:
             self._unregister(client.fd)
         if discard_input:
-            # Unread input makes close() send RST, which can destroy the answer
-            # before the client reads it; read what already arrived (bounded).
-            with contextlib.suppress(OSError):
-                for _ in range(4):
-                    if not client.sock.recv(65536):
-                        break
+            _discard_input(client.sock)
         client.sock.close()
 
     # ------------------------------------------------------------ answers
@@ -411,6 +429,18 @@ class HealthServer:
         except psutil.Error:  # exited, and not yet reaped by the primary
             self._processes.pop(worker.pid, None)
             return 0.0
+
+
+def _discard_input(sock: socket.socket) -> None:
+    """Read (bounded) what a client already sent, before closing after an answer.
+
+    Unread input makes close() send RST, which can destroy the answer before
+    the client reads it.
+    """
+    with contextlib.suppress(OSError):
+        for _ in range(4):
+            if not sock.recv(65536):
+                break
 
 
 # ---------------------------------------------------------------- shared views

@@ -1,0 +1,152 @@
+"""Edges where a misbehaving peer used to wedge the primary.
+
+- Idle health clients filling every slot kept ``/healthz`` at 503.
+- A unix socket path whose listener never accepts hung the stale-socket probe.
+- systemd handing over a socket that is not a stream listener made the
+  primary spin instead of refusing to start.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import pytest
+
+from dispatch.protocol import Heartbeat
+from tests.helpers import wait_for
+from tests.test_health import Harness, Reply, fake_worker
+
+
+# ====================================================================== health slots
+@pytest.fixture
+def harness() -> Any:
+    made: list[Harness] = []
+
+    def make(**options: Any) -> Harness:
+        made.append(Harness(**options))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def cut(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True once the server has closed ``sock`` without answering."""
+    sock.setblocking(True)
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(10) == b""
+    except ConnectionResetError:
+        return True
+
+
+def writing_client(h: Harness) -> socket.socket:
+    """A client whose answer does not fit its buffers: it stays in the writing state."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    sock.connect(h.health._listener.getsockname())
+    sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+    return sock
+
+
+def big_answers(h: Harness) -> None:
+    """Make /metrics far larger than a small socket buffer."""
+    workers = [fake_worker(i, 10_000_000 + i, sent=i, report=Heartbeat(0, i, 1 << 20, 10)) for i in range(500)]
+    h.primary.workers = {w.pid: w for w in workers}
+    h.health._listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted sockets inherit it
+
+
+def test_idle_clients_in_every_slot_do_not_keep_healthz_out(harness: Any) -> None:
+    h = harness(max_clients=4)
+    partial = h.connect()
+    partial.sendall(b"GET /heal")  # the oldest, with half a head
+    h.accept_pending(1)
+    idle = [h.connect() for _ in range(3)]
+    h.accept_pending(4)
+    assert h.get("/healthz").status == 200
+    assert (h.health.refused, h.health.evicted) == (0, 1)
+    assert cut(partial)  # the oldest reader made room
+    assert len(h.health.fds()) == 1 + 3  # the others keep their slots
+    idle.append(h.connect())
+    h.accept_pending(4)
+    assert h.get("/readyz").status == 200  # next in line: idle[0]
+    assert cut(idle[0]) and h.health.evicted == 2
+    for sock in [partial, *idle]:
+        sock.close()
+
+
+def test_a_reconnecting_pool_of_idle_clients_does_not_starve_a_probe(harness: Any) -> None:
+    h = harness(max_clients=4)
+    pool = [h.connect() for _ in range(6)]  # more than fit; each reconnects when cut
+    probe = h.connect()
+    probe.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+    answer = b""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        h.loop.run_once()
+        for i, sock in enumerate(pool):
+            try:
+                sock.recv(4096)  # EOF, a 503 or a reset: it was cut or turned away
+            except BlockingIOError:
+                continue  # still waiting in its slot
+            except OSError:
+                pass
+            sock.close()
+            pool[i] = h.connect()
+        try:
+            chunk = probe.recv(65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        answer += chunk
+    else:
+        raise AssertionError(f"the probe got no complete answer in 5s; got {answer[:200]!r}")
+    assert Reply(answer).status == 200
+    for sock in [probe, *pool]:
+        sock.close()
+
+
+def test_clients_writing_answers_keep_their_slots(harness: Any) -> None:
+    h = harness(max_clients=3)
+    big_answers(h)
+    writers = [writing_client(h) for _ in range(2)]
+    wait_for(lambda: h.loop.run_once() or sum(c.writing for c in h.health._clients.values()) == 2, 5,
+             what="two answers waiting for EPOLLOUT")
+    idle = h.connect()
+    h.accept_pending(3)
+    # Full: the newcomer takes the idle client's slot, not a writer's.
+    assert h.get("/healthz").status == 200
+    assert cut(idle) and h.health.evicted == 1
+    # Only writers left (a third joins): nobody to make room, so a 503.
+    writers.append(writing_client(h))
+    wait_for(lambda: h.loop.run_once() or sum(c.writing for c in h.health._clients.values()) == 3, 5,
+             what="three answers waiting for EPOLLOUT")
+    with h.connect() as extra:
+        extra.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        reply = Reply(h.loop.exchange(extra))
+    assert reply.status == 503 and h.health.refused == 1
+    for sock in writers:
+        sock.setblocking(False)
+        reply = Reply(h.loop.exchange(sock))
+        assert reply.status == 200 and int(reply.headers["content-length"]) == len(reply.body)
+        sock.close()
+    idle.close()
+
+
+def test_a_full_table_of_writers_is_swept_at_their_deadline(harness: Any) -> None:
+    h = harness(max_clients=2, timeout=0.5)
+    big_answers(h)
+    writers = [writing_client(h) for _ in range(2)]  # and never read
+    wait_for(lambda: h.loop.run_once() or sum(c.writing for c in h.health._clients.values()) == 2, 5,
+             what="two answers waiting for EPOLLOUT")
+    time.sleep(0.6)
+    # Nobody calls tick(): a full table is swept of expired clients on accept.
+    assert h.get("/healthz").status == 200
+    assert h.health.refused == 0 and h.health.evicted == 0
+    for sock in writers:
+        sock.close()
