@@ -9,13 +9,16 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dispatch.protocol import Heartbeat
-from tests.helpers import wait_for
+from tests.helpers import ROOT, wait_for
 from tests.test_health import Harness, Reply, fake_worker
 
 
@@ -150,3 +153,71 @@ def test_a_full_table_of_writers_is_swept_at_their_deadline(harness: Any) -> Non
     assert h.health.refused == 0 and h.health.evicted == 0
     for sock in writers:
         sock.close()
+
+
+# ====================================================================== stale unix sockets
+BIND_IN_A_CHILD = """
+import sys
+from dispatch.config import Address
+from dispatch.listeners import BindError, bind
+try:
+    bind(Address.parse("unix:" + sys.argv[1]), 16)
+except BindError as exc:
+    print("BindError:", exc)
+else:
+    print("bound")
+"""
+
+
+def bind_in_a_child(path: Path, deadline: float = 10.0) -> str:
+    """What ``bind(unix:PATH)`` does, from a child killed if it hangs."""
+    try:
+        done = subprocess.run([sys.executable, "-c", BIND_IN_A_CHILD, str(path)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=deadline)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"bind() on {path} still hung after {deadline}s") from None
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def fill_backlog(path: Path) -> list[socket.socket]:
+    """Connections queued on a listener that never accepts, until it takes no more."""
+    queued = []
+    while len(queued) < 64:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        queued.append(sock)
+        try:
+            sock.connect(str(path))
+        except BlockingIOError:
+            return queued
+    raise AssertionError("the backlog never filled")
+
+
+def test_a_listener_that_never_accepts_is_busy_not_a_hang(tmp_path: Path) -> None:
+    path = tmp_path / "busy.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    queued = fill_backlog(path)
+    try:
+        started = time.monotonic()
+        result = bind_in_a_child(path)
+        assert result.startswith("BindError:") and "another server is listening there" in result
+        assert "busy" in result and f"unix:{path}" in result
+        assert time.monotonic() - started < 8
+        assert path.exists()  # a live server's socket is never removed
+    finally:
+        for sock in [listener, *queued]:
+            sock.close()
+
+
+def test_stale_and_live_unix_sockets(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen(16)
+    with live:
+        assert "another server is listening there" in bind_in_a_child(path)
+    assert path.exists()  # closed, not unlinked: a stale socket file
+    assert bind_in_a_child(path) == "bound"

@@ -88,14 +88,19 @@ def _remove_stale_unix_socket(path: str) -> None:
         return
     if not stat.S_ISSOCK(mode):
         raise BindError(errno.EADDRINUSE, f"cannot listen on unix:{path}: a non-socket file is there")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Non-blocking: a listener whose backlog is full and that never accepts
+    # would block a plain connect() forever; on a unix socket it fails at
+    # once with EAGAIN instead, which still means someone listens there.
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        return
-    except OSError:
-        return  # let bind() report what is wrong
+        err = probe.connect_ex(path)
     finally:
         probe.close()
-    raise BindError(errno.EADDRINUSE, f"cannot listen on unix:{path}: another server is listening there")
+    if err == errno.ECONNREFUSED:
+        os.unlink(path)
+    elif err in (errno.EAGAIN, errno.EINPROGRESS):
+        raise BindError(errno.EADDRINUSE, f"cannot listen on unix:{path}: another server is "
+                        "listening there (busy: its backlog is full)")
+    elif err == 0:
+        raise BindError(errno.EADDRINUSE, f"cannot listen on unix:{path}: another server is listening there")
+    # Anything else: let bind() report what is wrong.
