@@ -8,6 +8,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,8 +22,9 @@ from typing import Any
 
 import pytest
 
+import dispatch
 from dispatch.protocol import Heartbeat
-from tests.helpers import ROOT, wait_for
+from tests.helpers import ROOT, pid_alive, wait_for
 from tests.test_health import Harness, Reply, fake_worker
 
 
@@ -169,11 +175,17 @@ else:
 """
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child that imports this same ``dispatch`` and ``tests``."""
+    source = str(Path(dispatch.__file__).resolve().parent.parent)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([source, str(ROOT)]), **extra)
+
+
 def bind_in_a_child(path: Path, deadline: float = 10.0) -> str:
     """What ``bind(unix:PATH)`` does, from a child killed if it hangs."""
     try:
         done = subprocess.run([sys.executable, "-c", BIND_IN_A_CHILD, str(path)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=deadline)
+                              env=child_env(), capture_output=True, text=True, timeout=deadline)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"bind() on {path} still hung after {deadline}s") from None
     assert done.returncode == 0, done.stderr
@@ -221,3 +233,153 @@ def test_stale_and_live_unix_sockets(tmp_path: Path) -> None:
         assert "another server is listening there" in bind_in_a_child(path)
     assert path.exists()  # closed, not unlinked: a stale socket file
     assert bind_in_a_child(path) == "bound"
+
+
+# ====================================================================== systemd sockets
+# In a child, since the sockets must sit at fd 3, 4, ... as systemd leaves them.
+INHERIT_IN_A_CHILD = """
+import fcntl, json, os, socket, sys, tempfile
+from dispatch.listeners import BindError
+from dispatch.systemd import listen_sockets
+
+def make(kind):
+    if kind == "closed":
+        return None
+    if kind == "file":
+        return open(os.devnull)
+    if kind.startswith("unix"):
+        kind_type = socket.SOCK_SEQPACKET if kind == "unix-seqpacket" else socket.SOCK_STREAM
+        sock = socket.socket(socket.AF_UNIX, kind_type)
+        sock.bind(os.path.join(tempfile.mkdtemp(), "s"))
+    elif kind == "udp":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+    else:
+        sock = socket.socket(socket.AF_INET6 if kind == "tcp6" else socket.AF_INET)
+        sock.bind(("::1" if kind == "tcp6" else "127.0.0.1", 0))
+    if kind in ("tcp", "tcp6", "unix", "unix-seqpacket"):
+        sock.listen(8)
+    return sock
+
+kinds = sys.argv[1].split(",")
+# Out of the way first, so that moving one into place clobbers no other.
+high = [None if o is None else fcntl.fcntl(o.fileno(), fcntl.F_DUPFD, 100) for o in map(make, kinds)]
+for i, fd in enumerate(high):
+    if fd is None:
+        try:
+            os.close(3 + i)
+        except OSError:
+            pass
+    else:
+        os.dup2(fd, 3 + i, inheritable=True)
+        os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=sys.argv[2] if len(sys.argv) > 2 else str(len(kinds)))
+try:
+    socks = listen_sockets()
+except BindError as exc:
+    result = {"error": str(exc), "errno": exc.errno}
+else:
+    result = {"sockets": [[s.fileno(), s.family.name, s.type.name, s.getblocking(), s.get_inheritable()]
+                          for s in socks]}
+result["env"] = sorted(k for k in os.environ if k.startswith("LISTEN_"))
+print(json.dumps(result))
+"""
+
+
+def inherit_in_a_child(kinds: str, listen_fds: str | None = None) -> dict[str, Any]:
+    """What ``listen_sockets()`` makes of sockets of ``kinds`` (comma-separated) at fd 3, 4, ..."""
+    command = [sys.executable, "-c", INHERIT_IN_A_CHILD, kinds, *([listen_fds] if listen_fds else [])]
+    done = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result.pop("env") == [], "LISTEN_* must not reach workers"
+    return result
+
+
+def has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_listening_stream_sockets_are_taken() -> None:
+    kinds = "tcp,unix,tcp6" if has_ipv6() else "tcp,unix"
+    expected = [[3, "AF_INET", "SOCK_STREAM", False, False], [4, "AF_UNIX", "SOCK_STREAM", False, False],
+                [5, "AF_INET6", "SOCK_STREAM", False, False]]
+    assert inherit_in_a_child(kinds) == {"sockets": expected[: len(kinds.split(","))]}
+
+
+@pytest.mark.parametrize(("kinds", "listen_fds", "problem"), [
+    ("udp", None, "fd 3 passed by systemd is a SOCK_DGRAM socket, not SOCK_STREAM"),
+    ("tcp-unlistened", None, "fd 3 passed by systemd is a socket that is not listening"),
+    ("unix-seqpacket", None, "fd 3 passed by systemd is a SOCK_SEQPACKET socket, not SOCK_STREAM"),
+    ("file", None, "fd 3 passed by systemd is not a socket"),
+    ("closed", None, "fd 3 passed by systemd is not open"),
+    ("tcp,udp", None, "fd 4 passed by systemd is a SOCK_DGRAM socket"),
+    ("tcp", "2", "fd 4 passed by systemd is not open"),
+    ("tcp", "many", "LISTEN_FDS='many' is not a number"),
+])
+def test_sockets_that_cannot_be_served_are_refused(kinds: str, listen_fds: str | None, problem: str) -> None:
+    result = inherit_in_a_child(kinds, listen_fds)
+    assert "sockets" not in result, f"taken: {result}"
+    assert problem in result["error"] and result["errno"] == 22
+
+
+def processes_in_session(sid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and pid_alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
+LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ \[\d+\] [A-Z]+ ")  # dispatch.LOG_FORMAT
+
+# The launcher moves the socket to fd 3 and names itself in LISTEN_PID, as systemd does.
+ACTIVATE = """
+import os, socket, sys
+kind = sys.argv[1]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
+sock.bind(("127.0.0.1", 0))
+os.dup2(sock.fileno(), 3)
+os.set_inheritable(3, True)  # should sock be fd 3 itself, dup2 left it close-on-exec
+os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+os.execv(sys.executable, [sys.executable, "-m", "dispatch", "tests.apps:pid_app", "--workers", "2",
+                          "--bind", "127.0.0.1:1"])
+"""
+
+
+@pytest.mark.parametrize(("kind", "problem"), [
+    ("udp", "is a SOCK_DGRAM socket"),
+    ("tcp-unlistened", "is a socket that is not listening"),
+])
+def test_the_cli_refuses_an_unusable_inherited_socket(kind: str, problem: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", ACTIVATE, kind], cwd=ROOT, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the primary and any worker
+        proc.communicate()
+        raise AssertionError(f"the primary was still running after 20s with a {kind} socket") from None
+    finally:
+        leftovers = processes_in_session(proc.pid)
+        if leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if not LOG_RECORD.match(line)]
+    assert len(lines) == 1 and lines[0].startswith("dispatch: error: "), stderr
+    assert "fd 3" in lines[0] and problem in lines[0]
+    assert leftovers == [], "the primary left processes behind"

@@ -7,14 +7,19 @@ sd_listen_fds(3) and sd_notify(3).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
+import stat
 import time
+
+from dispatch.listeners import BindError
 
 log = logging.getLogger("dispatch")
 
 _FIRST_FD = 3  # SD_LISTEN_FDS_START
+_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
 
 def listen_sockets() -> list[socket.socket]:
@@ -22,7 +27,8 @@ def listen_sockets() -> list[socket.socket]:
 
     Honoured only when ``LISTEN_PID`` is our pid, as the protocol requires. The
     variables are removed afterwards so that workers and children do not
-    mistake the sockets for their own.
+    mistake the sockets for their own. Raises ``BindError`` (and takes none
+    of them) unless every one is a listening TCP or unix stream socket.
     """
     pid = os.environ.get("LISTEN_PID")
     count = os.environ.get("LISTEN_FDS")
@@ -30,13 +36,62 @@ def listen_sockets() -> list[socket.socket]:
         os.environ.pop(name, None)
     if not pid or not count or not pid.isdigit() or int(pid) != os.getpid():
         return []
+    if not count.isdigit():
+        raise BindError(errno.EINVAL, f"socket activation: LISTEN_FDS={count!r} is not a number")
+    fds = range(_FIRST_FD, _FIRST_FD + int(count))
+    # All checked before any is taken: the primary would otherwise wake for a
+    # UDP or non-listening socket in a loop where accept() never succeeds.
+    for fd in fds:
+        check_listener(fd)
     sockets = []
-    for fd in range(_FIRST_FD, _FIRST_FD + int(count)):
+    for fd in fds:
         os.set_inheritable(fd, False)
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         sockets.append(sock)
     return sockets
+
+
+def check_listener(fd: int) -> None:
+    """Raise ``BindError`` naming ``fd`` unless it is a listening stream socket we can serve."""
+    problem = _listener_problem(fd)
+    if problem:
+        raise BindError(errno.EINVAL, f"socket activation: fd {fd} passed by systemd {problem}")
+
+
+def _listener_problem(fd: int) -> str:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return "is not open"
+    if not stat.S_ISSOCK(mode):
+        return "is not a socket"
+    try:
+        probe = socket.socket(fileno=fd)
+    except OSError as exc:
+        return f"cannot be inspected: {exc.strerror or exc}"
+    try:
+        family = probe.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as exc:
+        return f"cannot be inspected: {exc.strerror or exc}"
+    finally:
+        probe.detach()  # the descriptor stays as it was handed over
+    if family not in _FAMILIES:
+        return f"is an {_name(socket.AddressFamily, family)} socket; AF_INET, AF_INET6 or AF_UNIX is needed"
+    if kind != socket.SOCK_STREAM:
+        return f"is a {_name(socket.SocketKind, kind)} socket, not SOCK_STREAM (ListenStream=)"
+    if listening != 1:
+        return "is a socket that is not listening"
+    return ""
+
+
+def _name(enum: type, value: int) -> str:
+    try:
+        return enum(value).name
+    except ValueError:
+        return str(value)
 
 
 class Notifier:
