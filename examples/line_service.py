@@ -36,7 +36,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--threads", type=int, default=8)
     args = parser.parse_args()
-    dispatch.serve(handle, workers=args.workers, bind=args.bind, threads=args.threads)
+    # The service greets first, so connections reach a thread before the client speaks.
+    dispatch.serve(handle, workers=args.workers, bind=args.bind, threads=args.threads,
+                   server_speaks_first=True)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-connections", type=int, default=0,
                         help="connections a worker with a coroutine or protocol handler takes at once; "
                         "0 = no limit (default)")
+    parser.add_argument("--client-timeout", type=float, default=5.0,
+                        help="seconds a client may stay silent: before its first bytes, and in each "
+                        "blocking call of a plain handler; 0 = off (default: %(default)s)")
+    parser.add_argument("--server-speaks-first", action="store_true",
+                        help="give plain handlers connections before the client has sent anything "
+                        "(protocols that greet first: SMTP, FTP, banners)")
     parser.add_argument("--backlog", type=int, default=2048, help="listen backlog (default: %(default)s)")
     parser.add_argument("--accept-batch", type=int, default=256,
                         help="most connections the primary accepts per wakeup (default: %(default)s)")

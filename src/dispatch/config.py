@@ -73,6 +73,14 @@ def _positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def _non_negative_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number of seconds, 0 or more; got {value}")
+    return float(value)
+
+
 def _check_import_string(text: str) -> None:
     module, sep, attr = text.partition(":")
     if not sep or not module or not attr:
@@ -93,6 +101,8 @@ class Config:
     balance: str | Policy | ConnectionPolicy = "round-robin"
     threads: int = 1
     max_connections: int = 0
+    client_timeout: float = 5.0
+    server_speaks_first: bool = False
     backlog: int = 2048
     timeout: float = 30.0
     graceful_timeout: float = 30.0
@@ -132,6 +142,9 @@ class Config:
         _positive_int("max_memory", self.max_memory, 0)
         for name in ("timeout", "graceful_timeout", "boot_timeout"):
             _positive_float(name, getattr(self, name))
+        _non_negative_float("client_timeout", self.client_timeout)
+        if not isinstance(self.server_speaks_first, bool):
+            raise TypeError("server_speaks_first must be True or False")
         if isinstance(self.balance, str):
             if self.balance not in MODES:
                 raise ValueError(f"balance must be one of {', '.join(MODES)}; got {self.balance!r}")

@@ -23,7 +23,7 @@ import struct
 from dataclasses import astuple, dataclass
 from typing import ClassVar
 
-VERSION = 1
+VERSION = 2  # 2: Ready carries a capacity (credits), Done is always sent
 
 
 class ProtocolError(ValueError):
@@ -51,14 +51,18 @@ class Drain:
 class Ready:
     """Worker -> primary: booted (handler imported, listener bound) and serving.
 
-    ``max_batch`` is the most descriptors the worker wants in one message: its
-    thread count for plain handlers, so that a connection it cannot start yet
-    stays in the channel (and is re-dispatched if the worker dies), or
-    SCM_MAX_FD for coroutine handlers, which start everything at once.
+    ``capacity`` is the most connections the worker may hold at once: passed to
+    it and not yet reported ``Done`` (0: no limit of its own). The primary never
+    has more than that outstanding to the worker, so a connection the worker
+    cannot start yet waits where a dead worker does not lose it: in the
+    primary or in the listen backlog. ``max_batch`` is the most descriptors
+    it wants in one message (its thread count for plain handlers, at most
+    SCM_MAX_FD).
     """
 
     TYPE: ClassVar[int] = 3
-    BODY: ClassVar[struct.Struct] = struct.Struct("!H")
+    BODY: ClassVar[struct.Struct] = struct.Struct("!IH")
+    capacity: int = 0
     max_batch: int = 253
 
 
@@ -80,7 +84,12 @@ class Heartbeat:
 
 @dataclass(frozen=True)
 class Done:
-    """Worker -> primary: ``count`` more connections finished (least-connections)."""
+    """Worker -> primary: ``count`` more connections finished (user-space modes).
+
+    It returns credits: the primary counts each worker's outstanding
+    connections (sent minus done) against its ``capacity`` and against the
+    descriptors it may have in flight at all.
+    """
 
     TYPE: ClassVar[int] = 5
     BODY: ClassVar[struct.Struct] = struct.Struct("!I")

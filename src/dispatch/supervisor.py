@@ -113,6 +113,8 @@ class Supervisor:
     stop_deadline: float | None = None
     boot_failures_total: int = 0
     exit_code: int = 0
+    #: Workers replaced, by cause: exit, signal, timeout, recycle, spawn (a fork that failed).
+    restarts_by_cause: dict[str, int] = field(default_factory=dict)
 
     # ----------------------------------------------------------- lifecycle
     def start(self, now: float) -> list[Action]:
@@ -154,8 +156,11 @@ class Supervisor:
         if worker is not None:
             worker.last_seen = now
 
-    def exited(self, pid: int, now: float, how: str) -> list[Action]:
-        """``pid`` is gone; ``how`` says why in words ("exit code 1", "signal 9")."""
+    def exited(self, pid: int, now: float, how: str, signaled: bool = False) -> list[Action]:
+        """``pid`` is gone; ``how`` says why in words ("exit code 1", "signal 9").
+
+        ``signaled`` says whether a signal ended it, for the restart causes.
+        """
         worker = self.by_pid.pop(pid, None)
         if worker is None:
             return []
@@ -183,24 +188,28 @@ class Supervisor:
             actions += self._continue_restart(now)
             return actions
         slot.restarts += 1
+        if worker.kill_cause not in ("scale", "shutdown"):
+            self._count(worker.kill_cause or ("signal" if signaled else "exit"))
         if worker.state == BOOTING:
-            slot.boot_failures += 1
-            self.boot_failures_total += 1
-            if not self.ever_ready and self.boot_failures_total >= self.max_boot_failures:
-                self.stopping = True
-                self.exit_code = EXIT_BOOT_FAILURE
-                actions.append(Log(logging.CRITICAL, f"workers failed to boot {self.boot_failures_total} times and none ever became ready; stopping"))
-                actions += [Kill(p, "shutdown") for p in self.by_pid]
-                if not self.by_pid:
-                    actions.append(Stop(EXIT_BOOT_FAILURE))
-                return actions
-            delay = min(self.backoff_max, self.backoff_base * 2 ** (slot.boot_failures - 1))
-            slot.respawn_at = now + delay
-            actions.append(Log(logging.WARNING, f"worker {worker.worker_id} (pid {pid}) {how} during boot; retrying in {delay:g}s"))
-            return actions
+            return actions + self._boot_failed(worker.worker_id, now, f"worker {worker.worker_id} (pid {pid}) {how} during boot")
         if worker.worker_id < self.workers:
             actions.append(Spawn(worker.worker_id))
         return actions
+
+    def spawn_failed(self, worker_id: int, replaces: int | None, now: float, why: str) -> list[Action]:
+        """A ``Spawn`` could not be carried out (fork, socketpair or pidfd_open failed).
+
+        It is a failed boot: a replacement's failure aborts the rolling restart
+        or recycle (the old worker keeps serving); a fresh slot is retried after
+        the boot backoff.
+        """
+        self._count("spawn")
+        if replaces is not None:
+            attempt = WorkerState(worker_id, 0, now, replaces=replaces)
+            return self._abort_restart(attempt, f"cannot start a worker: {why}", now)
+        if self.stopping or worker_id >= self.workers:
+            return []
+        return self._boot_failed(worker_id, now, f"cannot start worker {worker_id}: {why}")
 
     def tick(self, now: float) -> list[Action]:
         """Time passed: enforce heartbeat, boot and drain deadlines; respawn after backoff."""
@@ -277,10 +286,11 @@ class Supervisor:
             return [Log(logging.WARNING, f"recycling worker {worker.worker_id} (pid {pid}) deferred for {slot.recycle_not_before - now:.1f}s after a failed replacement: {why}")]
         worker.retiring = True
         slot.restarts += 1
+        self._count("recycle")
         return [Log(logging.INFO, f"recycling worker {worker.worker_id} (pid {pid}): {why}"), Spawn(worker.worker_id, pid, "recycle")]
 
     def scale(self, delta: int, now: float) -> list[Action]:
-        """SIGTTIN (+1) / SIGTTOU (-1); never below one worker."""
+        """SIGTTIN (+1) / SIGTTOU (-1), or any ``delta``; never below one worker."""
         if self.stopping:
             return []
         if delta > 0:
@@ -289,9 +299,11 @@ class Supervisor:
             for i in new_ids:
                 self.slots.setdefault(i, Slot())
             return [Log(logging.INFO, f"scaling up to {self.workers} workers")] + [Spawn(i) for i in new_ids]
+        if delta == 0:
+            return []
         if self.workers <= 1:
             return [Log(logging.WARNING, "already at one worker; not scaling down")]
-        self.workers -= 1
+        self.workers = max(1, self.workers + delta)
         actions: list[Action] = [Log(logging.INFO, f"scaling down to {self.workers} workers")]
         for worker in list(self.by_pid.values()):
             if worker.worker_id >= self.workers and worker.state != DRAINING:
@@ -306,6 +318,26 @@ class Supervisor:
         return {w.worker_id for w in self.by_pid.values() if not w.retiring and w.state != DRAINING}
 
     # ----------------------------------------------------------- internals
+    def _count(self, cause: str) -> None:
+        self.restarts_by_cause[cause] = self.restarts_by_cause.get(cause, 0) + 1
+
+    def _boot_failed(self, worker_id: int, now: float, what: str) -> list[Action]:
+        """Back off before the slot is tried again; stop when no worker ever booted."""
+        slot = self.slots.setdefault(worker_id, Slot())
+        slot.boot_failures += 1
+        self.boot_failures_total += 1
+        if not self.ever_ready and self.boot_failures_total >= self.max_boot_failures:
+            self.stopping = True
+            self.exit_code = EXIT_BOOT_FAILURE
+            actions: list[Action] = [Log(logging.CRITICAL, f"workers failed to boot {self.boot_failures_total} times and none ever became ready; stopping")]
+            actions += [Kill(p, "shutdown") for p in self.by_pid]
+            if not self.by_pid:
+                actions.append(Stop(EXIT_BOOT_FAILURE))
+            return actions
+        delay = min(self.backoff_max, self.backoff_base * 2 ** (slot.boot_failures - 1))
+        slot.respawn_at = now + delay
+        return [Log(logging.WARNING, f"{what}; retrying in {delay:g}s")]
+
     def _drain(self, worker: WorkerState, now: float) -> list[Action]:
         worker.state = DRAINING
         worker.deadline = now + self.graceful_timeout

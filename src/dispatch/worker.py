@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import importlib
 import inspect
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -37,6 +39,11 @@ log = logging.getLogger("dispatch.worker")
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_BOOT_ERROR = 3
+
+# Descriptors kept for the handler's own files and sockets: connections never use them.
+_FD_RESERVE = 64
+# Most plain-handler connections waiting, on the loop, for their first bytes.
+_IDLE_POOL = 1024
 
 _PRIMARY_SIGNALS = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 
@@ -180,19 +187,29 @@ class Worker:
         self.handler = handler
         self.is_protocol = isinstance(handler, AsyncioProtocol)
         self.is_async = self.is_protocol or is_async_handler(handler)
-        # Connections handled at once (0: no limit). Beyond it they wait where a dead
-        # worker does not lose them: in the channel, or in the listen backlog.
-        self.capacity = config.max_connections if self.is_async else config.threads
         self.user_space = config.user_space
-        self.report_done = self.user_space and _needs_loads(config)
-        self.active = 0
+        self.client_timeout = config.client_timeout
+        # Plain handlers: a connection that has sent nothing waits on the loop, not in a
+        # thread, so idle clients cannot take every thread.
+        self.await_first_bytes = (
+            not self.is_async and self.client_timeout > 0 and not config.server_speaks_first
+        )
+        self.capacity = 0  # connections held at once, set in _main (fd headroom known then)
+        self.max_batch = _fdpass.SCM_MAX_FD
+        self.active = 0  # connections in hand: waiting, queued or running
         self.total = 0
         self.dropped = 0
         self.draining = False
         self.unreported_done = 0
+        self._running = 0  # plain handlers: connections in a thread
+        self._waiting: dict[int, tuple[socket.socket, asyncio.TimerHandle]] = {}  # no bytes yet
+        self._queued: collections.deque[socket.socket] = collections.deque()  # bytes, no thread
+        self._idle_pool = 0  # most connections in _waiting
         self._flush_scheduled = False
         self._paused = False
         self._exit_code = EXIT_OK
+        self._rss = 0
+        self._last_error_log: dict[str, float] = {}
         self._accept_buf = array.array("i", bytes(4 * 64))
         self._process = psutil.Process()
         self._executor: ThreadPoolExecutor | None = None
@@ -216,10 +233,11 @@ class Worker:
             self.listeners = [_reuseport_listener(sock, self.config.backlog) for sock in self.listeners]
         for sock in self.listeners:
             sock.setblocking(False)
+        self._size_capacity()
         if not self.user_space:
             loop.add_reader(self.channel.fileno(), self._on_channel)  # control only
         self._resume()
-        self._send(protocol.Ready(min(self.capacity or _fdpass.SCM_MAX_FD, _fdpass.SCM_MAX_FD)))
+        self._send(protocol.Ready(self.capacity, self.max_batch))
         self._heartbeat()
         try:
             return await self._finished
@@ -227,11 +245,31 @@ class Worker:
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def _size_capacity(self) -> None:
+        """How many connections this worker holds at once, within its descriptor table.
+
+        The primary never has more than ``capacity`` outstanding to it, so the kernel
+        never has to drop descriptors in transit because our table is full.
+        """
+        headroom = max(1, _fd_headroom())
+        if self.is_async:
+            self.capacity = min(self.config.max_connections or headroom, headroom)
+            self.max_batch = min(self.capacity, _fdpass.SCM_MAX_FD)
+            return
+        threads = self.config.threads
+        self._idle_pool = max(0, min(_IDLE_POOL, headroom - threads)) if self.await_first_bytes else 0
+        self.capacity = min(threads + self._idle_pool, headroom) or 1
+        self.max_batch = max(1, min(threads, _fdpass.SCM_MAX_FD))
+
     # ------------------------------------------------------- taking work
-    def _has_capacity(self) -> bool:
+    def _room(self) -> int:
+        """Connections this worker can take now."""
         if self.draining:
-            return False
-        return self.active < self.capacity if self.capacity else True
+            return 0
+        if self.is_async:
+            return self.capacity - self.active
+        free_threads = self.config.threads - self._running - len(self._queued)
+        return min(free_threads, self._idle_pool - len(self._waiting)) if self._idle_pool else free_threads
 
     def _resume(self) -> None:
         """Take connections again: from the channel (user-space) or the listeners (kernel)."""
@@ -243,7 +281,7 @@ class Worker:
                 self._loop.add_reader(sock.fileno(), self._on_accept, sock)
 
     def _resume_if_idle(self) -> None:
-        if self._paused and self._has_capacity():
+        if self._paused and self._room() > 0:
             self._resume()
 
     def _pause(self) -> None:
@@ -276,9 +314,12 @@ class Worker:
                     lost = message.count - len(fds)
                     self.dropped += lost
                     log.error("worker %d: %d descriptors were dropped in transit (RLIMIT_NOFILE?)", self.worker_id, lost)
+                    # Their credits come back, or the primary would count them forever.
+                    self.unreported_done += lost
+                    self._schedule_flush()
                 for fd in fds:
                     self._start(fd)
-                if self.user_space and not self._has_capacity():
+                if self.user_space and self._room() <= 0:
                     self._pause()
                     return
             elif isinstance(message, protocol.Drain):
@@ -286,19 +327,22 @@ class Worker:
                 return
 
     def _on_accept(self, sock: socket.socket) -> None:
-        limit = max(0, self.capacity - self.active) if self.capacity else 64
+        limit = min(self._room(), 64)
+        if limit <= 0:
+            self._pause()
+            return
         try:
             count = _fdpass.accept_batch(sock.fileno(), self._accept_buf, limit)
         except OSError as exc:
             # EMFILE and the like: the listener stays readable, so back off instead of spinning.
-            log.warning("worker %d: accept failed: %s; pausing accepts for 0.1s", self.worker_id, exc)
+            self._log_error("accept", "worker %d: accept failed: %s; pausing accepts for 0.1s", self.worker_id, exc)
             if not self._paused:
                 self._pause()
                 self._loop.call_later(0.1, self._resume_if_idle)
             return
         for i in range(count):
             self._start(self._accept_buf[i])
-        if not self._has_capacity() and not self._paused:
+        if self._room() <= 0 and not self._paused:
             self._pause()
 
     # ---------------------------------------------------- running handlers
@@ -309,20 +353,57 @@ class Worker:
             task = self._loop.create_task(serve(fd))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        else:
-            assert self._executor is not None
-            future = self._executor.submit(self._serve_sync, fd)
-            future.add_done_callback(self._completed_in_thread)
-
-    def _serve_sync(self, fd: int) -> None:
+            return
         conn = socket.socket(fileno=fd)
+        if self.await_first_bytes and not _has_input(conn):
+            self._wait_for_bytes(conn)
+        else:
+            self._run_in_thread(conn)
+
+    def _wait_for_bytes(self, conn: socket.socket) -> None:
+        """Watch a silent connection on the loop, for at most ``client_timeout``."""
+        fd = conn.fileno()
+        timer = self._loop.call_later(self.client_timeout, self._silent_too_long, conn)
+        self._waiting[fd] = (conn, timer)
+        self._loop.add_reader(fd, self._bytes_arrived, conn)
+
+    def _stop_waiting(self, conn: socket.socket) -> None:
+        fd = conn.fileno()
+        _, timer = self._waiting.pop(fd)
+        timer.cancel()
+        self._loop.remove_reader(fd)
+
+    def _bytes_arrived(self, conn: socket.socket) -> None:
+        self._stop_waiting(conn)
+        if self._running < self.config.threads:
+            self._run_in_thread(conn)
+        else:
+            self._queued.append(conn)
+
+    def _silent_too_long(self, conn: socket.socket) -> None:
+        self._stop_waiting(conn)
+        log.debug("worker %d: closing a connection from %s that sent nothing in %gs",
+                  self.worker_id, _peer(conn), self.client_timeout)
+        conn.close()
+        self._completed()
+
+    def _run_in_thread(self, conn: socket.socket) -> None:
+        assert self._executor is not None
+        self._running += 1
+        future = self._executor.submit(self._serve_sync, conn)
+        future.add_done_callback(self._completed_in_thread)
+
+    def _serve_sync(self, conn: socket.socket) -> None:
         addr: Any = None
         try:
-            conn.setblocking(True)
+            # A stalled client frees its thread after client_timeout in any blocking call.
+            conn.settimeout(self.client_timeout or None)
             addr = _peer(conn)
             if self.config.ssl is not None:
                 conn = self.config.ssl.wrap_socket(conn, server_side=True)  # handshake here, in the worker
             self.handler(conn, addr)
+        except (ConnectionError, TimeoutError) as exc:
+            log.debug("worker %d: connection from %s ended: %s", self.worker_id, addr, exc or type(exc).__name__)
         except Exception:
             log.exception("worker %d: handler raised for connection from %s", self.worker_id, addr)
         finally:
@@ -330,9 +411,15 @@ class Worker:
 
     def _completed_in_thread(self, future: Future[None]) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._completed)
+            self._loop.call_soon_threadsafe(self._thread_finished)
         except RuntimeError:  # the loop is closed: the worker is exiting
             pass
+
+    def _thread_finished(self) -> None:
+        self._running -= 1
+        if self._queued:
+            self._run_in_thread(self._queued.popleft())
+        self._completed()
 
     async def _serve_async(self, fd: int) -> None:
         addr: Any = None
@@ -347,6 +434,8 @@ class Worker:
             writer = asyncio.StreamWriter(transport, stream_protocol, reader, self._loop)
             try:
                 await self.handler(reader, writer)
+            except (ConnectionError, TimeoutError) as exc:
+                log.debug("worker %d: connection from %s ended: %s", self.worker_id, addr, exc or type(exc).__name__)
             except Exception:
                 log.exception("worker %d: handler raised for connection from %s", self.worker_id, addr)
             finally:
@@ -385,6 +474,9 @@ class Worker:
 
         try:
             await self._loop.connect_accepted_socket(factory, socket.socket(fileno=fd), ssl=self.config.ssl)
+        except (ConnectionError, TimeoutError) as exc:
+            log.debug("worker %d: connection failed before the protocol started: %s", self.worker_id, exc)
+            complete()
         except Exception:
             log.exception("worker %d: could not start the protocol for a connection", self.worker_id)
             complete()
@@ -392,15 +484,18 @@ class Worker:
     def _completed(self) -> None:
         self.active -= 1
         self.total += 1
-        if self.report_done:
+        if self.user_space:
             self.unreported_done += 1
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._loop.call_soon(self._flush_done)
+            self._schedule_flush()
         if self.draining:
             self._maybe_finish()
-        elif self._paused and self._has_capacity():
+        elif self._paused and self._room() > 0:
             self._resume()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_done)
 
     def _flush_done(self) -> None:
         # One message per loop iteration, however many connections finished.
@@ -421,13 +516,29 @@ class Worker:
         return True
 
     def _heartbeat(self) -> None:
+        """Report, then reschedule — whatever the report raised (EMFILE on /proc, say):
+        a worker whose heartbeat chain ended would be killed as hung."""
         if self._finished.done():
             return
-        cpu = os.times()
-        rss = self._process.memory_info().rss
-        self._send(protocol.Heartbeat(self.active, self.total, rss, int((cpu.user + cpu.system) * 1000)))
-        self._flush_done()
-        self._loop.call_later(self.config.heartbeat_interval, self._heartbeat)
+        try:
+            try:
+                self._rss = self._process.memory_info().rss
+            except (OSError, psutil.Error) as exc:
+                self._log_error("rss", "worker %d: cannot read its memory use: %s", self.worker_id, exc)
+            cpu = os.times()
+            self._send(protocol.Heartbeat(self.active, self.total, self._rss, int((cpu.user + cpu.system) * 1000)))
+            self._flush_done()
+        except Exception:
+            self._log_error("heartbeat", "worker %d: heartbeat failed", self.worker_id, exc_info=True)
+        finally:
+            self._loop.call_later(self.config.heartbeat_interval, self._heartbeat)
+
+    def _log_error(self, kind: str, message: str, *args: Any, exc_info: bool = False) -> None:
+        """Log at most once every 10 s per kind: a failure that repeats must not flood."""
+        now = self._loop.time()
+        if now - self._last_error_log.get(kind, -1e9) >= 10.0:
+            self._last_error_log[kind] = now
+            log.error(message, *args, exc_info=exc_info)
 
     # --------------------------------------------------------------- stop
     def begin_drain(self, why: str) -> None:
@@ -455,11 +566,27 @@ class Worker:
             self._finished.set_result(code)
 
 
-def _needs_loads(config: Config) -> bool:
-    from dispatch.balance import make_policy
+def _fd_headroom() -> int:
+    """Descriptors this process may still open, less a reserve for the handler's own."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = soft // 2
+    return soft - in_use - _FD_RESERVE
 
-    policy = make_policy(config.balance) if isinstance(config.balance, str) else config.balance
-    return bool(policy.needs_loads)
+
+def _has_input(conn: socket.socket) -> bool:
+    """True if ``conn`` has bytes (or EOF, or an error) to read now."""
+    try:
+        conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # a reset: the handler's first recv will say so
+    return True
 
 
 def _peer(sock: socket.socket) -> Any:
