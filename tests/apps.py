@@ -71,3 +71,56 @@ def garbage_app(conn: socket.socket, addr: Any) -> None:
             finally:
                 sock.detach()
     conn.sendall(_response(f"pid {os.getpid()}"))
+
+
+# ---------------------------------------------------------------- misbehaving code
+class OutOfRangePolicy:
+    """A per-connection policy with a bug: an index past the end of the worker list."""
+
+    needs_loads = False
+
+    def choose(self, client: Any, workers: Any, loads: Any) -> int:
+        return len(workers) + 5
+
+
+class BrokenBatchPolicy:
+    """A batch policy with every bug in turn: negative shares that still sum right,
+    a wrong sum, the wrong length, an exception."""
+
+    needs_loads = False
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def assign(self, count: int, loads: Any, workers: int) -> list[int]:
+        self.calls += 1
+        kind = self.calls % 4
+        if kind == 0:
+            return [count + 1] + [-1] * (workers - 1) if workers > 1 else [-1]
+        if kind == 1:
+            return [count * 2] + [0] * (workers - 1)
+        if kind == 2:
+            return [count]
+        raise ZeroDivisionError("policy bug")
+
+
+_active = 0
+
+
+async def concurrency_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers with how many connections this worker was serving at once, itself included."""
+    global _active
+    _active += 1
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen = _active
+        await asyncio.sleep(_delay(head))
+        writer.write(_response(f"pid {os.getpid()} active {seen}"))
+        await writer.drain()
+    finally:
+        _active -= 1
+
+
+def greeting_app(conn: socket.socket, addr: Any) -> None:
+    """Speaks first, as SMTP or FTP servers do."""
+    conn.sendall(f"hello from {os.getpid()}\r\n".encode())

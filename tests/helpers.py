@@ -59,9 +59,11 @@ class ServerProcess:
 
     def __init__(self, handler: str = "tests.apps:pid_app", *, cli: list[str] | None = None,
                  command: list[str] | None = None, env: dict[str, str] | None = None,
-                 pass_fds: tuple[int, ...] = (), cwd: Path = ROOT, **options: Any) -> None:
+                 pass_fds: tuple[int, ...] = (), cwd: Path = ROOT, wrapper: list[str] | None = None,
+                 **options: Any) -> None:
         """Run ``tests/serve_script.py`` with ``options``, the CLI with the ``cli`` flags,
-        or any ``command`` that logs dispatch's "listening on" line."""
+        or any ``command`` that logs dispatch's "listening on" line. ``wrapper`` goes
+        before the command (``prlimit ...``, ``setpriv ...``)."""
         options.setdefault("bind", "127.0.0.1:0")
         options.setdefault("workers", 2)
         options.setdefault("log_level", "debug")
@@ -73,6 +75,7 @@ class ServerProcess:
             command = [sys.executable, str(ROOT / "tests" / "serve_script.py"), json.dumps(options)]
         elif command is None:
             command = [sys.executable, "-m", "dispatch", handler, *cli]
+        command = [*(wrapper or []), *command]
         full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
         self.proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=self._log,
                                      env=full_env, pass_fds=pass_fds)
@@ -136,6 +139,30 @@ class ServerProcess:
         self.stop()
         if exc[0] is None:
             self.log_path.unlink(missing_ok=True)
+
+
+TEST_USER = "dispatch-test"
+
+
+def unprivileged_user() -> tuple[int, int]:
+    """(uid, gid) of a non-root user for tests that need one, created if missing.
+
+    Needs root (CI runs the tests as root); otherwise the caller should skip.
+    """
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        TEST_USER], check=True, capture_output=True, timeout=30)
+        entry = pwd.getpwnam(TEST_USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def as_user(uid: int, gid: int) -> list[str]:
+    """A command prefix that runs what follows as ``uid``/``gid`` with no capabilities."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all"]
 
 
 def connect(address: str, timeout: float = 10.0) -> socket.socket:

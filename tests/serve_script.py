@@ -4,6 +4,7 @@ Usage: python tests/serve_script.py '{"handler": "tests.apps:pid_app", "workers"
 Prints one JSON line {"pid", "addresses", "health"} on stdout once bound.
 """
 
+import importlib
 import json
 import os
 import sys
@@ -16,6 +17,9 @@ import dispatch  # noqa: E402
 def main() -> int:
     options = json.loads(sys.argv[1])
     handler = options.pop("handler")
+    if "policy" in options:  # an import string naming a policy class: balance=Class()
+        module, _, name = options.pop("policy").partition(":")
+        options["balance"] = getattr(importlib.import_module(module), name)()
     server = dispatch.Server(handler, **options)
     dispatch.configure_logging(server.config.log_level)
     server.start(install_signal_handlers=True)
