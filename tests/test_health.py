@@ -374,20 +374,6 @@ def test_silent_and_slow_clients_are_dropped_at_their_deadline(harness: Any) -> 
         sock.close()
 
 
-def test_clients_over_the_limit_are_turned_away(harness: Any) -> None:
-    h = harness(max_clients=3, timeout=0.5)
-    idle = [h.connect() for _ in range(3)]
-    h.accept_pending(3)
-    with h.connect() as extra:
-        reply = Reply(h.loop.exchange(extra))
-    assert reply.status == 503 and h.health.refused == 1
-    # Without anyone calling tick(), a full table is swept of expired clients.
-    time.sleep(0.6)
-    assert h.get("/healthz").status == 200
-    for sock in idle:
-        sock.close()
-
-
 def test_answer_larger_than_the_socket_buffer_finishes_on_epollout(harness: Any) -> None:
     h = harness()
     workers = [fake_worker(i, 10_000_000 + i, sent=i, report=Heartbeat(0, i, 1 << 20, 10)) for i in range(500)]

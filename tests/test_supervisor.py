@@ -567,12 +567,16 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.stop_requested = False
         self.ever_spawned: set[int] = set()
         self.recycled: set[int] = set()  # old pids replaced because of recycle()
+        self.forks_to_fail = 0  # the next Spawns fail (fork EAGAIN, socketpair EMFILE)
 
     # -- carrying out actions
     def apply(self, actions: list[Action], source: str) -> None:
         sup = self.sup
         assert sup is not None
+        stopping_before = sup.stopping
         for action in actions:
+            if isinstance(action, Spawn) and sup.stopping and not stopping_before:
+                continue  # a failed spawn earlier in this list gave up: the primary drops the rest
             assert not self.stopped, f"{action} after Stop"
             if isinstance(action, Spawn):
                 assert not sup.stopping, f"{action} while stopping ({source})"
@@ -583,6 +587,13 @@ class SupervisorMachine(RuleBasedStateMachine):
                     assert old.retiring
                     if action.cause == "recycle":
                         self.recycled.add(action.replaces)
+                if self.forks_to_fail:
+                    self.forks_to_fail -= 1
+                    failed = sup.spawn_failed(action.worker_id, action.replaces, self.now, "EAGAIN")
+                    if action.replaces is not None:
+                        assert not sup.by_pid[action.replaces].retiring  # it keeps serving
+                    self.apply(failed, "spawn_failed")
+                    continue
                 pid = next(self.pids)
                 self.ever_spawned.add(pid)
                 sup.spawned(action.worker_id, pid, self.now, action.replaces)
@@ -679,7 +690,12 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.apply(self.sup.reload(self.now), "reload")
 
     @precondition(lambda self: self.running())
-    @rule(delta=st.sampled_from([1, -1]))
+    @rule(count=st.integers(1, 3))
+    def forks_fail(self, count: int) -> None:
+        self.forks_to_fail = count
+
+    @precondition(lambda self: self.running())
+    @rule(delta=st.sampled_from([1, -1, 2, -3]))
     def scale(self, delta: int) -> None:
         before = self.sup.workers
         self.apply(self.sup.scale(delta, self.now), "scale")

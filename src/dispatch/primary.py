@@ -906,7 +906,8 @@ class Server:
     def _apply(self, actions: list[supervisor.Action]) -> None:
         for action in actions:
             if isinstance(action, supervisor.Spawn):
-                self._spawn(action.worker_id, action.replaces)
+                if not self.supervisor.stopping:  # a failed spawn before it may have given up
+                    self._spawn(action.worker_id, action.replaces)
             elif isinstance(action, supervisor.Drain):
                 worker = self.workers.get(action.pid)
                 if worker is not None:
