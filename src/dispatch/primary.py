@@ -471,7 +471,7 @@ class Server:
                     share -= chunk
             if credit_spent:
                 self._rebuild_targets()
-            elif self._targets is targets:
+            elif self._targets is targets and self._outstanding < self._inflight_budget:
                 break  # nothing changed and nothing is left to try this time
         return start, count
 
@@ -1053,7 +1053,10 @@ def raise_fd_limit() -> tuple[int, str]:
 
 
 def _client_host(fd: int) -> str | None:
-    sock = socket.socket(fileno=fd)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
     try:
         peer = sock.getpeername()
         return peer[0] if isinstance(peer, tuple) else None

@@ -1,0 +1,261 @@
+"""The primary's dispatch path, in process: real socketpairs, real descriptors, no fork.
+
+Each test builds a ``Server`` that is not started, gives it an epoll object and
+fake workers whose channels are ``SOCK_SEQPACKET`` socketpairs, and drives the
+methods the event loop would call. ``_kill`` is recorded instead of sent.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import select
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from dispatch import Server, Sticky, _fdpass, protocol, supervisor
+from dispatch.primary import WorkerHandle
+
+_IN = select.EPOLLIN
+
+
+def handler(conn: socket.socket, addr: Any) -> None:  # never called: nothing is forked
+    pass
+
+
+class Harness:
+    def __init__(self, **options: Any) -> None:
+        options.setdefault("workers", 2)
+        self.server = Server(handler, **options)
+        self.server._epoll = select.epoll()
+        self.server._inflight_budget = 10_000
+        self.killed: list[int] = []
+        self.server._kill = lambda pid, cause: self.killed.append(pid)  # type: ignore[method-assign]
+        self.ends: dict[int, socket.socket] = {}
+
+    def worker(self, worker_id: int, capacity: int = 0, max_batch: int = 253) -> WorkerHandle:
+        primary_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        primary_end.setblocking(False)
+        worker_end.setblocking(False)
+        pid = 4_000_000 + worker_id
+        handle = WorkerHandle(worker_id, pid, -1, primary_end, worker_end, 0)
+        handle.state = supervisor.READY
+        handle.set_capacity(capacity, max_batch)
+        self.server.workers[pid] = handle
+        self.server._register(handle.fd, _IN, lambda events, w=handle: self.server._on_channel(w, events))
+        self.server._rebuild_targets()
+        self.ends[pid] = worker_end
+        return handle
+
+    def connections(self, count: int) -> array.array:
+        """``count`` real descriptors to pass (the primary closes what it sends)."""
+        return array.array("i", [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(count)])
+
+    def dispatch(self, count: int) -> int:
+        """Pass ``count`` new connections; returns how many are left over (and closes them)."""
+        buf = self.connections(count)
+        start, left = self.server._dispatch(buf, 0, count)
+        _fdpass.close_fds(buf, start, left)
+        return left
+
+    def received(self, worker: WorkerHandle) -> int:
+        """Descriptors waiting unread in ``worker``'s channel (read and closed here)."""
+        total = 0
+        while (got := _fdpass.recv_fds(worker.worker_end.fileno(), 64)) is not None:
+            for fd in got[1]:
+                os.close(fd)
+            total += len(got[1])
+        return total
+
+    def from_worker(self, worker: WorkerHandle, message: protocol.Message | bytes) -> None:
+        data = message if isinstance(message, bytes) else protocol.encode(message)
+        self.ends[worker.pid].send(data)
+
+    def close(self) -> None:
+        for worker in self.server.workers.values():
+            self.received(worker)
+            worker.channel.close()
+            worker.worker_end.close()
+        if self.server._pending:
+            _fdpass.close_fds(self.server._pending)
+        self.server._epoll.close()
+
+
+@pytest.fixture
+def harness() -> Iterator[Any]:
+    made: list[Harness] = []
+
+    def make(**options: Any) -> Harness:
+        made.append(Harness(**options))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def test_a_worker_never_gets_more_than_its_credits(harness: Any) -> None:
+    h = harness()
+    worker = h.worker(0, capacity=2)
+    assert h.dispatch(5) == 3
+    assert worker.outstanding == 2 and h.received(worker) == 2
+    assert h.server._targets == [] and not h.server._accepting
+    buf = h.connections(3)
+    h.server._pending.extend(buf)
+    h.server._on_done(worker, 1)  # a credit comes back: one waiting connection goes
+    assert worker.outstanding == 2 and len(h.server._pending) == 2
+    assert h.received(worker) == 1
+
+
+def test_descriptors_in_flight_stay_within_the_budget(harness: Any) -> None:
+    h = harness()
+    a, b = h.worker(0), h.worker(1)
+    h.server._inflight_budget = 3
+    assert h.dispatch(5) == 2
+    assert h.server._outstanding == 3 == a.outstanding + b.outstanding
+    assert not h.server._accepting  # the rest waits in the kernel's backlog
+
+
+def test_etoomanyrefs_is_backpressure_not_a_broken_worker(harness: Any, monkeypatch: Any) -> None:
+    h = harness()
+    worker = h.worker(0)
+
+    def refuse(*args: Any) -> bool:
+        raise OSError(errno.ETOOMANYREFS, os.strerror(errno.ETOOMANYREFS))
+
+    monkeypatch.setattr(_fdpass, "send_fds", refuse)
+    assert h.dispatch(4) == 4
+    assert h.killed == [] and worker in h.server._targets
+    assert h.server.stats["inflight_full"] == 1 and not h.server._accepting
+
+
+def test_a_batch_policy_with_negative_shares_falls_back(harness: Any) -> None:
+    class Negative:
+        needs_loads = False
+
+        def assign(self, count: int, loads: Any, workers: int) -> list[int]:
+            return [count + 1, -1]  # sums right, but would close descriptors it never got
+
+    h = harness(balance=Negative())
+    a, b = h.worker(0), h.worker(1)
+    assert h.dispatch(4) == 0
+    assert h.received(a) + h.received(b) == 4
+    assert h.server.stats["policy_errors"] == 1
+
+
+def test_a_connection_policy_that_raises_falls_back(harness: Any) -> None:
+    class Raising:
+        needs_loads = True
+
+        def choose(self, client: Any, workers: Any, loads: Any) -> int:
+            raise KeyError(client)
+
+    h = harness(balance=Raising())
+    a, b = h.worker(0), h.worker(1)
+    assert h.dispatch(4) == 0
+    assert h.received(a) == 2 and h.received(b) == 2
+
+
+def test_done_is_clamped_to_what_was_sent(harness: Any) -> None:
+    h = harness(balance="least-connections")
+    worker = h.worker(0)
+    h.dispatch(3)
+    h.from_worker(worker, protocol.Done(2**32 - 1))
+    h.server._on_channel(worker, _IN)
+    assert worker.done == worker.sent == 3 and h.server._outstanding == 0
+
+
+def test_a_protocol_error_retires_the_worker_without_breaking_the_loop(harness: Any) -> None:
+    h = harness()
+    bad, good = h.worker(0), h.worker(1)
+    h.from_worker(bad, b"\xffgarbage")
+    h.server._on_channel(bad, _IN)
+    assert h.killed == [bad.pid] and h.server._targets == [good]
+    # Later calls that touch its (now unregistered) channel must not raise.
+    h.server._modify(bad.fd, _IN | select.EPOLLOUT)
+    h.server._backpressure(bad)
+    assert h.dispatch(2) == 0 and h.received(good) == 2
+
+
+def test_one_pass_reads_a_bounded_number_of_messages(harness: Any) -> None:
+    h = harness()
+    worker = h.worker(0)
+    for _ in range(200):
+        h.from_worker(worker, protocol.Heartbeat(0, 0, 0, 0))
+    h.server._on_channel(worker, _IN)
+    left = 0
+    while _fdpass.recv_fds(worker.fd, 64) is not None:
+        left += 1
+    assert left == 200 - 64
+
+
+def test_a_stray_ready_does_not_bring_back_a_draining_worker(harness: Any) -> None:
+    h = harness()
+    worker = h.worker(0)
+    worker.state = supervisor.DRAINING
+    h.server._rebuild_targets()
+    h.from_worker(worker, protocol.Ready(10, 10))
+    h.server._on_channel(worker, _IN)
+    assert worker.state == supervisor.DRAINING and h.server._targets == []
+
+
+def test_sticky_balancing_enforces_max_requests(harness: Any) -> None:
+    h = harness(balance=Sticky(), max_requests=3)
+    worker = h.worker(0)
+    worker.request_limit = 3
+    h.dispatch(4)
+    assert h.server._over_limit == [worker]
+
+
+def test_every_accept_error_backs_off_longer_each_time(harness: Any) -> None:
+    h = harness()
+    h.worker(0)
+    h.server._accept_failed(OSError(errno.EINVAL, "not listening"))
+    first = h.server._accept_resume_at
+    h.server._accept_failed(OSError(errno.EINVAL, "not listening"))
+    assert h.server._accept_resume_at > first and not h.server._accepting
+
+
+def test_an_exit_not_yet_reapable_is_not_taken_for_exit_code_0(harness: Any) -> None:
+    h = harness()
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        worker = h.worker(0)
+        del h.server.workers[worker.pid]
+        worker.pid = child.pid
+        h.server.workers[child.pid] = worker
+        h.server._on_exit(worker)  # waitpid says (0, 0): it is still running
+        assert child.pid in h.server.workers
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+
+
+def test_scale_passes_the_number_on() -> None:
+    server = Server(handler, workers=2)
+    server.scale(5)
+    server.scale(0)
+    server.scale(-2)
+    assert server._requests == [("scale", 5), ("scale", -2)]
+    with pytest.raises(TypeError):
+        server.scale(1.5)  # type: ignore[arg-type]
+
+
+def test_a_failed_start_leaves_nothing_behind_and_can_be_retried(tmp_path: Any) -> None:
+    pidfile = tmp_path / "app.pid"
+    sock_path = tmp_path / "app.sock"
+    before = signal.getsignal(signal.SIGTERM)
+    server = Server("tests.broken_app:app", workers=1, preload=True, pidfile=str(pidfile),
+                    bind=["127.0.0.1:0", f"unix:{sock_path}"])
+    for _ in range(2):  # the second time it fails the same way, not with "already started"
+        with pytest.raises(RuntimeError, match="broken_app refuses to import"):
+            server.start(install_signal_handlers=True)
+        assert not pidfile.exists() and not sock_path.exists()
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert server.listeners == [] and server.workers == {}
