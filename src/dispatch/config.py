@@ -202,9 +202,14 @@ class Config:
 
 
 def _lookup_user(user: str | int | None) -> int | None:
+    """A uid from a uid, a numeric string (a uid: useradd refuses all-digit names) or a name."""
     if user is None:
         return None
+    if isinstance(user, str) and user.isascii() and user.isdigit():
+        user = int(user)
     if isinstance(user, int) and not isinstance(user, bool):
+        if not 0 <= user < 2**32 - 1:  # (uid_t)-1 tells setresuid() "leave it unchanged"
+            raise ValueError(f"user {user} is out of range")
         return user
     if not isinstance(user, str):
         raise TypeError(f"user must be a name or uid, not {type(user).__name__}")
@@ -215,15 +220,22 @@ def _lookup_user(user: str | int | None) -> int | None:
 
 
 def _lookup_group(group: str | int | None, user: str | int | None) -> int | None:
+    """A gid from a gid, a numeric string or a name; by default the user's own group."""
     if group is None:
-        if user is None:
-            return None
         uid = _lookup_user(user)
-        try:
-            return pwd.getpwuid(uid).pw_gid  # the user's own group
-        except KeyError:
+        if uid is None:
             return None
+        try:
+            return pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            # No guess: a gid opens files as a uid does, and the usual fallback 65534 is
+            # also the overflow gid that NFS and user namespaces give unmapped owners.
+            raise ValueError(f"user {uid} has no passwd entry; pass group= too") from None
+    if isinstance(group, str) and group.isascii() and group.isdigit():
+        group = int(group)
     if isinstance(group, int) and not isinstance(group, bool):
+        if not 0 <= group < 2**32 - 1:  # (gid_t)-1 tells setresgid() "leave it unchanged"
+            raise ValueError(f"group {group} is out of range")
         return group
     if not isinstance(group, str):
         raise TypeError(f"group must be a name or gid, not {type(group).__name__}")

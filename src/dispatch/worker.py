@@ -32,6 +32,7 @@ import psutil
 
 from dispatch import _fdpass, protocol
 from dispatch.config import Config, Handler
+from dispatch.privileges import PrivilegeError, die_with_primary, drop_privileges, primary_pid, user_name
 
 log = logging.getLogger("dispatch.worker")
 
@@ -102,8 +103,9 @@ def worker_main(
     """Run a worker in a freshly forked child; never returns."""
     code = EXIT_CRASH
     try:
-        _reset_process(worker_id, inherited_fds)
-        _drop_privileges(config)
+        primary = primary_pid(channel)
+        _reset_process(worker_id, inherited_fds, primary)
+        _drop_privileges(config, primary)
         if config.on_worker_start is not None:
             config.on_worker_start(worker_id)
         try:
@@ -113,6 +115,9 @@ def worker_main(
             code = EXIT_BOOT_ERROR
         else:
             code = Worker(config, worker_id, channel, listeners, handler).run()
+    except PrivilegeError as exc:  # never serve as anyone but the configured user
+        log.critical("worker %d (pid %d) cannot drop privileges: %s", worker_id, os.getpid(), exc)
+        code = EXIT_BOOT_ERROR
     except BaseException:
         log.exception("worker %d (pid %d) crashed", worker_id, os.getpid())
     finally:
@@ -122,7 +127,7 @@ def worker_main(
         os._exit(code)
 
 
-def _reset_process(worker_id: int, inherited_fds: list[int]) -> None:
+def _reset_process(worker_id: int, inherited_fds: list[int], primary: int) -> None:
     """Undo what the fork copied from the primary that a worker must not keep."""
     signal.set_wakeup_fd(-1)  # the primary's wakeup pipe
     for signum in _PRIMARY_SIGNALS:
@@ -130,9 +135,7 @@ def _reset_process(worker_id: int, inherited_fds: list[int]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the primary coordinates the stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-    primary = os.getppid()
-    _fdpass.set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != primary:  # the primary died before the line above
+    if not die_with_primary(primary):  # the primary died before the kernel was asked
         os._exit(EXIT_CRASH)
     for fd in inherited_fds:
         try:
@@ -160,13 +163,13 @@ def _tag_log_records(worker_id: int) -> None:
     logging.setLogRecordFactory(factory)
 
 
-def _drop_privileges(config: Config) -> None:
+def _drop_privileges(config: Config, primary: int) -> None:
     """Bound as root in the primary; handle connections as ``user``/``group``."""
-    if config.gid is not None:
-        os.setgroups([])
-        os.setgid(config.gid)
-    if config.uid is not None:
-        os.setuid(config.uid)
+    if config.uid is None and config.gid is None:
+        return
+    drop_privileges(config.uid, config.gid, user_name(config.uid))
+    if not die_with_primary(primary):  # the switch cleared PR_SET_PDEATHSIG: set it again
+        os._exit(EXIT_CRASH)
 
 
 class Worker:
