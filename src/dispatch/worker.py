@@ -32,7 +32,13 @@ import psutil
 
 from dispatch import _fdpass, protocol
 from dispatch.config import Config, Handler
-from dispatch.privileges import PrivilegeError, die_with_primary, drop_privileges, primary_pid, user_name
+from dispatch.privileges import (
+    PrivilegeError,
+    die_with_primary,
+    drop_privileges,
+    primary_pid,
+    user_name,
+)
 
 log = logging.getLogger("dispatch.worker")
 
