@@ -14,6 +14,7 @@ import select
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -259,3 +260,16 @@ def test_a_failed_start_leaves_nothing_behind_and_can_be_retried(tmp_path: Any) 
         assert not pidfile.exists() and not sock_path.exists()
         assert signal.getsignal(signal.SIGTERM) is before
         assert server.listeners == [] and server.workers == {}
+
+
+def test_memory_recycling_waits_on_the_monotonic_clock(harness: Any) -> None:
+    h = harness(max_memory=1000)
+    worker = h.worker(0)
+    recycled: list[str] = []
+    h.server._recycle = lambda w, now, why: recycled.append(why)  # type: ignore[method-assign]
+    worker.started_at -= 3600  # the wall clock jumped (NTP, a resumed VM): not its age
+    h.server._check_recycle(worker, protocol.Heartbeat(0, 0, 10_000, 0), time.monotonic())
+    assert recycled == []
+    worker.started_mono -= 10
+    h.server._check_recycle(worker, protocol.Heartbeat(0, 0, 10_000, 0), time.monotonic())
+    assert len(recycled) == 1

@@ -56,7 +56,7 @@ Unregister = Callable[[int], None]
 #: The classic text format; prometheus_client's own default moved to 1.0.0.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Restart causes always exported (at 0 until they happen), so rate() has a series.
-RESTART_CAUSES = ("exit", "signal", "timeout", "recycle")
+RESTART_CAUSES = ("exit", "signal", "timeout", "recycle", "spawn")
 STATES = (supervisor.BOOTING, supervisor.READY, supervisor.DRAINING)
 
 _ACCEPT_BATCH = 16  # per readiness event; epoll is level-triggered, the rest waits a turn
@@ -505,6 +505,20 @@ class MetricsCollector:
                                   value=stats.get("stalls", 0))
         yield CounterMetricFamily("dispatch_accept_errors", "Failed accept() calls in the primary.",
                                   value=stats.get("accept_errors", 0))
+        yield CounterMetricFamily("dispatch_inflight_full",
+                                  "Times no more descriptors could be in flight to workers "
+                                  "(budget or ETOOMANYREFS) and accepting paused.",
+                                  value=stats.get("inflight_full", 0))
+        yield CounterMetricFamily("dispatch_policy_errors",
+                                  "Answers of the balancing policy that were invalid or raised "
+                                  "(round-robin answered instead).",
+                                  value=stats.get("policy_errors", 0))
+        yield CounterMetricFamily("dispatch_spawn_errors",
+                                  "Workers that could not be forked (fork, socketpair, pidfd_open).",
+                                  value=stats.get("spawn_errors", 0))
+        yield GaugeMetricFamily("dispatch_connections_in_flight",
+                                "Connections passed to workers and not yet reported done.",
+                                value=getattr(server, "_outstanding", 0))
         yield GaugeMetricFamily("dispatch_accept_paused",
                                 "1 while workers exist but the primary is not accepting.",
                                 value=1 if server.workers and not server._accepting else 0)
