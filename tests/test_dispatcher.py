@@ -21,9 +21,13 @@ from typing import Any
 import pytest
 
 from dispatch import Server, Sticky, _fdpass, protocol, supervisor
-from dispatch.primary import WorkerHandle
-
-_IN = select.EPOLLIN
+from dispatch import dispatcher as dispatcher_module
+from dispatch import primary as primary_module
+from dispatch.balance import make_policy
+from dispatch.control import Scale
+from dispatch.dispatcher import Dispatcher
+from dispatch.processes import WorkerHandle
+from dispatch.reactor import IN, FailureLog, Reactor
 
 
 def handler(conn: socket.socket, addr: Any) -> None:  # never called: nothing is forked
@@ -31,13 +35,18 @@ def handler(conn: socket.socket, addr: Any) -> None:  # never called: nothing is
 
 
 class Harness:
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, balance: Any = None, **options: Any) -> None:
         options.setdefault("workers", 2)
-        self.server = Server(handler, **options)
-        self.server._epoll = select.epoll()
-        self.server._inflight_budget = 10_000
+        self.server = Server(handler, balance=balance or "round-robin", **options)
         self.killed: list[int] = []
-        self.server._kill = lambda pid, cause: self.killed.append(pid)  # type: ignore[method-assign]
+        self.reactor = Reactor()
+        self.server._reactor = self.reactor
+        balance = balance or "round-robin"
+        policy = make_policy(balance) if isinstance(balance, str) else balance
+        self.dispatcher = Dispatcher(policy, self.server.workers,
+                                     self.reactor, self.server.counters, FailureLog(), 16, 16)
+        self.dispatcher.budget = 10_000
+        self.server._dispatcher = self.dispatcher
         self.ends: dict[int, socket.socket] = {}
 
     def worker(self, worker_id: int, capacity: int = 0, max_batch: int = 253) -> WorkerHandle:
@@ -49,8 +58,8 @@ class Harness:
         handle.state = supervisor.READY
         handle.set_capacity(capacity, max_batch)
         self.server.workers[pid] = handle
-        self.server._register(handle.fd, _IN, lambda events, w=handle: self.server._on_channel(w, events))
-        self.server._rebuild_targets()
+        self.reactor.register(handle.fd, IN, lambda events, w=handle: self.server._on_channel(w, events))
+        self.dispatcher.rebuild_targets()
         self.ends[pid] = worker_end
         return handle
 
@@ -61,7 +70,7 @@ class Harness:
     def dispatch(self, count: int) -> int:
         """Pass ``count`` new connections; returns how many are left over (and closes them)."""
         buf = self.connections(count)
-        start, left = self.server._dispatch(buf, 0, count)
+        start, left = self.dispatcher.dispatch(buf, 0, count)
         _fdpass.close_fds(buf, start, left)
         return left
 
@@ -83,17 +92,20 @@ class Harness:
             self.received(worker)
             worker.channel.close()
             worker.worker_end.close()
-        if self.server._pending:
-            _fdpass.close_fds(self.server._pending)
-        self.server._epoll.close()
+        self.dispatcher.close_pending()
+        self.reactor.close()
 
 
 @pytest.fixture
-def harness() -> Iterator[Any]:
+def harness(monkeypatch: Any) -> Iterator[Any]:
     made: list[Harness] = []
+    killed: list[int] = []
+    monkeypatch.setattr(dispatcher_module, "kill", killed.append)
+    monkeypatch.setattr(primary_module, "kill", killed.append)
 
     def make(**options: Any) -> Harness:
         made.append(Harness(**options))
+        made[-1].killed = killed  # type: ignore[attr-defined]
         return made[-1]
 
     yield make
@@ -106,21 +118,21 @@ def test_a_worker_never_gets_more_than_its_credits(harness: Any) -> None:
     worker = h.worker(0, capacity=2)
     assert h.dispatch(5) == 3
     assert worker.outstanding == 2 and h.received(worker) == 2
-    assert h.server._targets == [] and not h.server._accepting
+    assert h.dispatcher.targets == [] and not h.dispatcher.accepting
     buf = h.connections(3)
-    h.server._pending.extend(buf)
-    h.server._on_done(worker, 1)  # a credit comes back: one waiting connection goes
-    assert worker.outstanding == 2 and len(h.server._pending) == 2
+    h.dispatcher.pending.extend(buf)
+    h.dispatcher.on_done(worker, 1)  # a credit comes back: one waiting connection goes
+    assert worker.outstanding == 2 and len(h.dispatcher.pending) == 2
     assert h.received(worker) == 1
 
 
 def test_descriptors_in_flight_stay_within_the_budget(harness: Any) -> None:
     h = harness()
     a, b = h.worker(0), h.worker(1)
-    h.server._inflight_budget = 3
+    h.dispatcher.budget = 3
     assert h.dispatch(5) == 2
-    assert h.server._outstanding == 3 == a.outstanding + b.outstanding
-    assert not h.server._accepting  # the rest waits in the kernel's backlog
+    assert h.dispatcher.outstanding == 3 == a.outstanding + b.outstanding
+    assert not h.dispatcher.accepting  # the rest waits in the kernel's backlog
 
 
 def test_etoomanyrefs_is_backpressure_not_a_broken_worker(harness: Any, monkeypatch: Any) -> None:
@@ -132,8 +144,8 @@ def test_etoomanyrefs_is_backpressure_not_a_broken_worker(harness: Any, monkeypa
 
     monkeypatch.setattr(_fdpass, "send_fds", refuse)
     assert h.dispatch(4) == 4
-    assert h.killed == [] and worker in h.server._targets
-    assert h.server.stats["inflight_full"] == 1 and not h.server._accepting
+    assert h.killed == [] and worker in h.dispatcher.targets
+    assert h.server.counters.inflight_full == 1 and not h.dispatcher.accepting
 
 
 def test_a_batch_policy_with_negative_shares_falls_back(harness: Any) -> None:
@@ -147,7 +159,7 @@ def test_a_batch_policy_with_negative_shares_falls_back(harness: Any) -> None:
     a, b = h.worker(0), h.worker(1)
     assert h.dispatch(4) == 0
     assert h.received(a) + h.received(b) == 4
-    assert h.server.stats["policy_errors"] == 1
+    assert h.server.counters.policy_errors == 1
 
 
 def test_a_connection_policy_that_raises_falls_back(harness: Any) -> None:
@@ -168,19 +180,19 @@ def test_done_is_clamped_to_what_was_sent(harness: Any) -> None:
     worker = h.worker(0)
     h.dispatch(3)
     h.from_worker(worker, protocol.Done(2**32 - 1))
-    h.server._on_channel(worker, _IN)
-    assert worker.done == worker.sent == 3 and h.server._outstanding == 0
+    h.server._on_channel(worker, IN)
+    assert worker.done == worker.sent == 3 and h.dispatcher.outstanding == 0
 
 
 def test_a_protocol_error_retires_the_worker_without_breaking_the_loop(harness: Any) -> None:
     h = harness()
     bad, good = h.worker(0), h.worker(1)
     h.from_worker(bad, b"\xffgarbage")
-    h.server._on_channel(bad, _IN)
-    assert h.killed == [bad.pid] and h.server._targets == [good]
+    h.server._on_channel(bad, IN)
+    assert h.killed == [bad.pid] and h.dispatcher.targets == [good]
     # Later calls that touch its (now unregistered) channel must not raise.
-    h.server._modify(bad.fd, _IN | select.EPOLLOUT)
-    h.server._backpressure(bad)
+    h.reactor.modify(bad.fd, IN | select.EPOLLOUT)
+    h.dispatcher._backpressure(bad)
     assert h.dispatch(2) == 0 and h.received(good) == 2
 
 
@@ -189,7 +201,7 @@ def test_one_pass_reads_a_bounded_number_of_messages(harness: Any) -> None:
     worker = h.worker(0)
     for _ in range(200):
         h.from_worker(worker, protocol.Heartbeat(0, 0, 0, 0))
-    h.server._on_channel(worker, _IN)
+    h.server._on_channel(worker, IN)
     left = 0
     while _fdpass.recv_fds(worker.fd, 64) is not None:
         left += 1
@@ -200,10 +212,10 @@ def test_a_stray_ready_does_not_bring_back_a_draining_worker(harness: Any) -> No
     h = harness()
     worker = h.worker(0)
     worker.state = supervisor.DRAINING
-    h.server._rebuild_targets()
+    h.dispatcher.rebuild_targets()
     h.from_worker(worker, protocol.Ready(10, 10))
-    h.server._on_channel(worker, _IN)
-    assert worker.state == supervisor.DRAINING and h.server._targets == []
+    h.server._on_channel(worker, IN)
+    assert worker.state == supervisor.DRAINING and h.dispatcher.targets == []
 
 
 def test_sticky_balancing_enforces_max_requests(harness: Any) -> None:
@@ -211,16 +223,16 @@ def test_sticky_balancing_enforces_max_requests(harness: Any) -> None:
     worker = h.worker(0)
     worker.request_limit = 3
     h.dispatch(4)
-    assert h.server._over_limit == [worker]
+    assert h.dispatcher.over_limit == [worker]
 
 
 def test_every_accept_error_backs_off_longer_each_time(harness: Any) -> None:
     h = harness()
     h.worker(0)
-    h.server._accept_failed(OSError(errno.EINVAL, "not listening"))
-    first = h.server._accept_resume_at
-    h.server._accept_failed(OSError(errno.EINVAL, "not listening"))
-    assert h.server._accept_resume_at > first and not h.server._accepting
+    h.dispatcher._accept_failed(OSError(errno.EINVAL, "not listening"))
+    first = h.dispatcher._accept_resume_at
+    h.dispatcher._accept_failed(OSError(errno.EINVAL, "not listening"))
+    assert h.dispatcher._accept_resume_at > first and not h.dispatcher.accepting
 
 
 def test_an_exit_not_yet_reapable_is_not_taken_for_exit_code_0(harness: Any) -> None:
@@ -243,7 +255,7 @@ def test_scale_passes_the_number_on() -> None:
     server.scale(5)
     server.scale(0)
     server.scale(-2)
-    assert server._requests == [("scale", 5), ("scale", -2)]
+    assert server._early_requests == [Scale(5), Scale(-2)]
     with pytest.raises(TypeError):
         server.scale(1.5)  # type: ignore[arg-type]
 

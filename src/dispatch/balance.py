@@ -10,7 +10,7 @@ so the primary does not have to track completions for them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 
@@ -142,3 +142,53 @@ def make_policy(mode: str) -> Policy | ConnectionPolicy:
         return USER_MODES[mode]()
     except KeyError:
         raise ValueError(f"no user-space policy for balance mode {mode!r}") from None
+
+
+class GuardedPolicy:
+    """A user's policy with every answer checked: a bad one is reported and that batch
+    (or connection) goes round-robin instead. A policy bug never takes the primary down.
+
+    ``on_error(what)`` is told what was wrong, in words.
+    """
+
+    def __init__(self, policy: Policy | ConnectionPolicy, on_error: Callable[[str], None]) -> None:
+        self.policy = policy
+        self.needs_loads = bool(policy.needs_loads)
+        # Policies that look at each client address take the slower, per-connection path.
+        self.per_connection = isinstance(policy, ConnectionPolicy) and not isinstance(policy, Policy)
+        self._fallback = RoundRobin()
+        self._on_error = on_error
+
+    def assign(self, count: int, loads: Sequence[int], workers: int) -> list[int]:
+        try:
+            shares = self.policy.assign(count, loads, workers)  # type: ignore[union-attr]
+        except Exception as exc:
+            self._on_error(f"raised {type(exc).__name__}: {exc}")
+        else:
+            if valid_shares(shares, count, workers):
+                return shares
+            self._on_error(f"assigned {str(shares)[:80]} for {count} connections over {workers} workers")
+        return self._fallback.assign(count, (), workers)
+
+    def choose(self, client: str | None, workers: Sequence[int], loads: Sequence[int]) -> int:
+        try:
+            index = self.policy.choose(client, workers, loads)  # type: ignore[union-attr]
+        except Exception as exc:
+            self._on_error(f"raised {type(exc).__name__}: {exc}")
+        else:
+            if type(index) is int and 0 <= index < len(workers):
+                return index
+            self._on_error(f"chose {str(index)[:40]} among {len(workers)} workers")
+        return self._fallback.assign(1, (), len(workers)).index(1)
+
+
+def valid_shares(shares: object, count: int, workers: int) -> bool:
+    """A batch policy's answer: one non-negative int per worker, summing to ``count``."""
+    if not isinstance(shares, list | tuple) or len(shares) != workers:
+        return False
+    total = 0
+    for share in shares:
+        if type(share) is not int or share < 0:
+            return False
+        total += share
+    return total == count

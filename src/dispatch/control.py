@@ -1,0 +1,43 @@
+"""What an operator can ask of a running primary: by a signal, or a call on ``Server``.
+
+Requests are queued from signal handlers or other threads and carried out by
+the primary's loop, between two polls.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop serving: gracefully (drain in-flight connections) or at once."""
+
+    graceful: bool = True
+
+
+@dataclass(frozen=True)
+class Reload:
+    """Replace every worker, ``restart_batch`` at a time, without losing a connection."""
+
+
+@dataclass(frozen=True)
+class Scale:
+    """``delta`` more workers, or fewer when negative (never below one)."""
+
+    delta: int
+
+
+Request = Stop | Reload | Scale
+
+#: The signals operators know (gunicorn's vocabulary).
+SIGNALS: dict[int, Request] = {
+    signal.SIGTERM: Stop(graceful=True),
+    signal.SIGINT: Stop(graceful=True),
+    signal.SIGQUIT: Stop(graceful=False),
+    signal.SIGHUP: Reload(),
+    signal.SIGUSR2: Reload(),
+    signal.SIGTTIN: Scale(1),
+    signal.SIGTTOU: Scale(-1),
+}

@@ -1,0 +1,387 @@
+"""The hot path: accept connections in batches and pass them to workers.
+
+It decides which workers can take connections now (ready, not stalled, their
+channel not full, credits left), splits each accepted batch with the balancing
+policy, sends one ``SCM_RIGHTS`` message per worker, and stops accepting when
+nobody can take more (the kernel's listen backlog holds the rest). It also
+takes back the connections a dead or stalled worker never read.
+
+Every worker gets at most its free credits (``capacity - outstanding``), and
+all workers together at most the in-flight budget: the kernel caps a sender's
+in-flight ``SCM_RIGHTS`` descriptors at its ``RLIMIT_NOFILE`` (``ETOOMANYREFS``),
+and taking back a dead worker's unread ones needs that much room in our table.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import resource
+import socket
+import time
+from collections.abc import Callable
+
+from dispatch import _fdpass, protocol, supervisor
+from dispatch.balance import ConnectionPolicy, GuardedPolicy, Policy
+from dispatch.counters import Counters
+from dispatch.processes import WorkerHandle, kill
+from dispatch.reactor import IN, OUT, FailureLog, Reactor
+
+_FDS_MESSAGES = [protocol.encode_fds(n) for n in range(_fdpass.SCM_MAX_FD + 1)]
+# Descriptors kept free in the primary's own table, beyond the accept batch, for
+# spawning (a socketpair and a pidfd per worker) and the like.
+FD_RESERVE = 32
+# Backoff of accepting after an accept error: doubles from the first to the last.
+ACCEPT_BACKOFF = (0.05, 1.0)
+
+
+class Dispatcher:
+    """Passes accepted connections to ``workers`` (the primary's dict, by pid)."""
+
+    def __init__(self, policy: Policy | ConnectionPolicy, workers: dict[int, WorkerHandle],
+                 reactor: Reactor, counters: Counters, failures: FailureLog, accept_batch: int,
+                 backlog: int) -> None:
+        self.workers = workers
+        self.policy = GuardedPolicy(policy, self._policy_failed)
+        self.reactor = reactor
+        self.counters = counters
+        self.failures = failures
+        self.backlog = backlog
+        self.targets: list[WorkerHandle] = []  # who can take a connection now
+        self.pending = array.array("i")  # accepted or taken back, not yet passed on
+        self.accepting = False
+        self.stopping = False  # no more accepting; taken-back connections are closed
+        self.outstanding = 0  # passed to workers, not yet reported done
+        self.budget = 0  # how many may be outstanding
+        self.retired_sent = 0  # connections passed to workers that have exited
+        self.over_limit: list[WorkerHandle] = []  # past max_requests: recycle on the tick
+        self._accept_batch = accept_batch
+        self._accept_buf = array.array("i", bytes(4 * accept_batch))
+        self._accept_limit = accept_batch  # lowered when descriptors are scarce
+        self._accept_resume_at = 0.0
+        self._accept_failures = 0  # in a row: the backoff grows with them
+        self._listen_fds: list[int] = []
+
+    # ------------------------------------------------------------ listeners
+    def add_listener(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        self._listen_fds.append(fd)
+        self.reactor.register(fd, 0, self._make_acceptor(fd))
+
+    def _make_acceptor(self, listen_fd: int) -> Callable[[int], None]:
+        accept_batch = _fdpass.accept_batch
+        buf = self._accept_buf
+
+        def on_listener_readable(events: int) -> None:
+            try:
+                count = accept_batch(listen_fd, buf, self._accept_limit)
+            except OSError as exc:
+                self._accept_failed(exc)
+                return
+            self._accept_failures = 0
+            if count:
+                left_at, left = self.dispatch(buf, 0, count)
+                if left:
+                    self.pending.extend(buf[left_at : left_at + left])
+                    self.update_accepting()
+
+        return on_listener_readable
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Any accept error: the listener may stay readable, so back off instead of
+        spinning, longer each time it fails again."""
+        self.counters.accept_errors += 1
+        self._accept_failures += 1
+        first, most = ACCEPT_BACKOFF
+        delay = min(most, first * 2 ** (self._accept_failures - 1))
+        self.failures.error(f"accept {exc.errno}", "accept failed: %s; pausing accepts for %gs",
+                            exc, delay, exc_info=False)
+        self._accept_resume_at = time.monotonic() + delay
+        self._set_accepting(False)
+
+    def update_accepting(self) -> None:
+        """Accept only while some worker can take connections and nothing is waiting."""
+        want = (
+            bool(self.targets) and not self.pending and not self._accept_resume_at
+            and not self.stopping and self.outstanding < self.budget
+        )
+        if want != self.accepting:
+            self._set_accepting(want)
+
+    def _set_accepting(self, on: bool) -> None:
+        self.accepting = on
+        for fd in self._listen_fds:
+            self.reactor.modify(fd, IN if on else 0)
+
+    def stop_accepting(self) -> None:
+        """Accept no more: take what already completed its handshake (bounded by the
+        backlog and the budget) so it is served, not reset, and let go of the listeners."""
+        self.stopping = True
+        self._set_accepting(False)
+        for fd in self._listen_fds:
+            for _ in range(max(1, self.backlog // len(self._accept_buf))):
+                room = self.budget - self.outstanding - len(self.pending)
+                if room <= 0:
+                    break
+                try:
+                    count = _fdpass.accept_batch(fd, self._accept_buf, min(room, len(self._accept_buf)))
+                except OSError:
+                    break
+                if not count:
+                    break
+                self.pending.extend(self._accept_buf[:count])
+            self.reactor.unregister(fd)
+        self._listen_fds.clear()
+
+    # ------------------------------------------------------------ the periodic part
+    def tick(self, now: float, reserve: int) -> None:
+        """Resume accepting after a backoff, retry what waits, and recompute the budget
+        (``reserve``: descriptors to keep free beyond ours, e.g. for health clients)."""
+        self.update_budget(reserve)
+        if self._accept_resume_at and now >= self._accept_resume_at:
+            self._accept_resume_at = 0.0
+            self.update_accepting()
+        if self.pending and self.targets:
+            self.dispatch_pending()
+
+    def update_budget(self, reserve: int) -> None:
+        """How many descriptors may be in flight, from the room left in our table."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        try:
+            in_table = len(os.listdir("/proc/self/fd")) - len(self.pending)
+        except OSError:
+            return  # EMFILE right now: keep the last estimate
+        free = max(0, soft - in_table - reserve - FD_RESERVE - 3 * len(self.workers))
+        self._accept_limit = max(1, min(self._accept_batch, free // 4))
+        was_full = self.outstanding >= self.budget
+        self.budget = max(0, free - self._accept_limit)
+        if was_full and self.outstanding < self.budget:
+            self.rebuild_targets()
+
+    # ------------------------------------------------------------ passing
+    def dispatch(self, buf: array.array, start: int, count: int) -> tuple[int, int]:
+        """Pass ``buf[start:start+count]`` to workers; returns what is left (start, count)."""
+        if self.policy.per_connection:
+            return self._dispatch_each(buf, start, count)
+        send = _fdpass.send_fds
+        messages = _FDS_MESSAGES
+        dontwait = _fdpass.DONTWAIT
+        while count and self.targets:
+            room = self.budget - self.outstanding
+            if room <= 0:
+                self._inflight_full()
+                break
+            targets = self.targets
+            batch = count if count <= room else room
+            loads = [w.sent - w.done for w in targets] if self.policy.needs_loads else ()
+            shares = self.policy.assign(batch, loads, len(targets))
+            credit_spent = False
+            for worker, share in zip(targets, shares, strict=True):
+                if worker.capacity:
+                    free = worker.capacity - worker.sent + worker.done
+                    if share >= free:
+                        share = free
+                        credit_spent = True
+                limit = worker.max_batch
+                while share > 0:
+                    chunk = share if share <= limit else limit
+                    try:
+                        sent = send(worker.fd, buf, start, chunk, messages[chunk], dontwait, True)
+                    except OSError as exc:
+                        if exc.errno == errno.ETOOMANYREFS:
+                            self._inflight_full(exc)
+                            return start, count
+                        self.channel_broken(worker, f"cannot pass connections: {exc}")
+                        break
+                    if not sent:
+                        self._backpressure(worker)
+                        break
+                    worker.sent += chunk
+                    self.outstanding += chunk
+                    if worker.request_limit and worker.sent >= worker.request_limit:
+                        worker.request_limit = 0  # noted once; recycled on the next tick
+                        self.over_limit.append(worker)
+                    start += chunk
+                    count -= chunk
+                    share -= chunk
+            if credit_spent:
+                self.rebuild_targets()
+            elif self.targets is targets and self.outstanding < self.budget:
+                break  # nothing changed and nothing is left to try this time
+        return start, count
+
+    def _dispatch_each(self, buf: array.array, start: int, count: int) -> tuple[int, int]:
+        """The per-connection path: the policy sees each client's address."""
+        while count and self.targets:
+            if self.outstanding >= self.budget:
+                self._inflight_full()
+                break
+            targets = self.targets
+            ids = [w.worker_id for w in targets]
+            loads = [w.sent - w.done for w in targets]
+            worker = targets[self.policy.choose(_client_host(buf[start]), ids, loads)]
+            try:
+                sent = _fdpass.send_fds(worker.fd, buf, start, 1, _FDS_MESSAGES[1], _fdpass.DONTWAIT, True)
+            except OSError as exc:
+                if exc.errno == errno.ETOOMANYREFS:
+                    self._inflight_full(exc)
+                    break
+                self.channel_broken(worker, f"cannot pass connections: {exc}")
+                continue
+            if not sent:
+                self._backpressure(worker)
+                continue
+            worker.sent += 1
+            self.outstanding += 1
+            start += 1
+            count -= 1
+            if worker.request_limit and worker.sent >= worker.request_limit:
+                worker.request_limit = 0
+                self.over_limit.append(worker)
+            if worker.capacity and worker.sent - worker.done >= worker.capacity:
+                self.rebuild_targets()
+        return start, count
+
+    def dispatch_pending(self) -> None:
+        start, _ = self.dispatch(self.pending, 0, len(self.pending))
+        del self.pending[:start]
+        self.update_accepting()
+
+    def _policy_failed(self, what: str) -> None:
+        self.counters.policy_errors += 1
+        name = type(self.policy.policy).__name__
+        self.failures.error(f"policy {what.split(' ', 1)[0]}", "balancing policy %s %s; using "
+                            "round-robin for this batch", name, what, exc_info=False)
+
+    # ------------------------------------------------------------ who can take more
+    def rebuild_targets(self) -> None:
+        targets = []
+        for w in self.workers.values():
+            w.out_of_credit = bool(w.capacity) and w.sent - w.done >= w.capacity
+            if w.state == supervisor.READY and not w.full and not w.stalled and not w.out_of_credit:
+                targets.append(w)
+        targets.sort(key=lambda w: w.worker_id)
+        self.targets = targets
+        self.update_accepting()
+
+    def on_done(self, worker: WorkerHandle, count: int) -> None:
+        """Credits come back; never more than were sent (a lying worker skews nothing)."""
+        count = min(count, worker.sent - worker.done)
+        if count <= 0:
+            return
+        worker.done += count
+        self.outstanding -= count
+        if worker.out_of_credit:
+            self.rebuild_targets()
+        elif not self.accepting:
+            self.update_accepting()  # the in-flight budget may have room again
+        if self.pending and self.targets:
+            self.dispatch_pending()
+
+    def _backpressure(self, worker: WorkerHandle) -> None:
+        """The worker's channel is full: skip it until it drains (EPOLLOUT)."""
+        worker.full = True
+        self.counters.backpressure += 1
+        self.reactor.modify(worker.fd, IN | OUT)
+        self.rebuild_targets()
+
+    def channel_writable(self, worker: WorkerHandle) -> None:
+        """Room again in a channel that said EAGAIN."""
+        self.reactor.modify(worker.fd, IN)
+        worker.full = False
+        self.rebuild_targets()
+        if self.pending:
+            self.dispatch_pending()
+
+    def _inflight_full(self, exc: OSError | None = None) -> None:
+        """No more descriptors may be in flight now: stop accepting until workers report
+        connections done. ETOOMANYREFS (the kernel's own count, which other processes of
+        the same user share) is our budget running out: backpressure, never a reason to
+        replace a worker."""
+        self.counters.inflight_full += 1
+        if exc is not None:
+            # Trust the kernel over our estimate until the next tick recomputes it.
+            self.budget = min(self.budget, self.outstanding)
+            self.failures.error("inflight", "passing connections: %s; %d in flight; accepting "
+                                "again as workers finish some", exc, self.outstanding, exc_info=False)
+        self.update_accepting()
+
+    def channel_broken(self, worker: WorkerHandle, why: str) -> None:
+        """A channel we cannot send on (or that broke the protocol): no more connections
+        to that worker, and it is replaced (its pidfd reports the exit)."""
+        self.failures.logger.error("worker %d (pid %d): %s; replacing it", worker.worker_id,
+                                   worker.pid, why)
+        worker.full = True
+        self.reactor.unregister(worker.fd)
+        self.rebuild_targets()
+        kill(worker.pid)
+
+    # ------------------------------------------------------------ taking back
+    def take_back(self, worker: WorkerHandle) -> int:
+        """Connections still unread in a dead or stalled worker's channel: keep them for
+        the others (or close them when stopping). Returns how many."""
+        taken = 0
+        while True:
+            try:
+                got = _fdpass.recv_fds(worker.worker_end.fileno(), 64)
+            except OSError:
+                break
+            if got is None or not got[0]:
+                break
+            fds = got[1]
+            if self.stopping:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            self.pending.extend(fds)
+            taken += len(fds)
+        self.counters.salvaged += taken
+        return taken
+
+    def worker_stalled(self, worker: WorkerHandle) -> int:
+        """A silent worker: its unread connections go to the others."""
+        taken = self.take_back(worker)
+        worker.sent -= taken
+        self.outstanding -= taken
+        self.rebuild_targets()
+        return taken
+
+    def worker_exited(self, worker: WorkerHandle) -> int:
+        """A worker is gone: what it handled died with it, what it never read comes back."""
+        self.outstanding -= worker.sent - worker.done
+        salvaged = self.take_back(worker)
+        self.retired_sent += worker.sent - salvaged
+        self.rebuild_targets()
+        if self.pending:
+            self.dispatch_pending()
+        return salvaged
+
+    @property
+    def dispatched_total(self) -> int:
+        """Connections passed to workers (one taken back from a dead worker counts once)."""
+        return self.retired_sent + sum(w.sent for w in self.workers.values())
+
+    def close_pending(self) -> int:
+        """Close what no worker can take any more (at shutdown); returns how many."""
+        count = len(self.pending)
+        if count:
+            _fdpass.close_fds(self.pending)
+            del self.pending[:]
+        return count
+
+
+def _client_host(fd: int) -> str | None:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        peer = sock.getpeername()
+        return peer[0] if isinstance(peer, tuple) else None
+    except OSError:
+        return None
+    finally:
+        sock.detach()

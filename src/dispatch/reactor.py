@@ -1,0 +1,155 @@
+"""The primary's event loop: one epoll, a callback per descriptor, a wakeup pipe, signals.
+
+Nothing here knows about workers or connections. The primary registers the
+listeners, each worker's channel and pidfd, and the health server's sockets,
+and calls ``poll`` in a loop. Signals and ``request()`` from other threads
+queue a request and write a byte to the wakeup pipe, so the loop handles them
+between two polls, never inside a signal handler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+log = logging.getLogger("dispatch")
+
+IN = select.EPOLLIN
+OUT = select.EPOLLOUT
+ERR = select.EPOLLERR | select.EPOLLHUP
+
+Callback = Callable[[int], None]
+# How often the same kind of failure is logged again (seconds).
+LOG_EVERY = 10.0
+
+
+class FailureLog:
+    """Logs an error at most once per ``LOG_EVERY`` seconds per kind: a failure that
+    repeats on every pass must not flood the log."""
+
+    def __init__(self, logger: logging.Logger = log) -> None:
+        self.logger = logger
+        self._last: dict[str, float] = {}
+
+    def error(self, kind: str, message: str, *args: object, exc_info: bool = True) -> None:
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < LOG_EVERY:
+            return
+        self._last[kind] = now
+        self.logger.error(message, *args, exc_info=exc_info)
+
+
+class Reactor:
+    """An epoll loop with callbacks; ``modify``/``unregister`` tolerate vanished descriptors."""
+
+    def __init__(self, failures: FailureLog | None = None) -> None:
+        self._epoll = select.epoll()
+        self._callbacks: dict[int, Callback] = {}
+        self._failures = failures or FailureLog()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._requests: list[object] = []
+        self._on_requests: Callable[[list[object]], None] | None = None
+        self._saved_signals: dict[int, Any] = {}
+        self._saved_wakeup_fd: int | None = None
+        self.register(self._wake_r, IN, self._on_wakeup)
+
+    # ------------------------------------------------------------ descriptors
+    def register(self, fd: int, events: int, callback: Callback) -> None:
+        self._epoll.register(fd, events)
+        self._callbacks[fd] = callback
+
+    def unregister(self, fd: int) -> None:
+        if self._callbacks.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
+
+    def modify(self, fd: int, events: int) -> None:
+        """Change what we wait for on ``fd``; one that is no longer registered (closed or
+        unregistered on an error path) is ignored, as trio does."""
+        if fd not in self._callbacks:
+            return
+        try:
+            self._epoll.modify(fd, events)
+        except (FileNotFoundError, ValueError):
+            self._callbacks.pop(fd, None)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+            self._callbacks.pop(fd, None)
+
+    def registered(self, fd: int) -> bool:
+        return fd in self._callbacks
+
+    def fds(self) -> list[int]:
+        """Descriptors the reactor itself owns (a forked child closes them)."""
+        return [self._epoll.fileno(), self._wake_r, self._wake_w]
+
+    # ------------------------------------------------------------ running
+    def poll(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds and run the callbacks of what is ready. A
+        callback that raises is logged and the loop goes on: a bug in one handler must
+        not take every worker down with it."""
+        callbacks = self._callbacks
+        for fd, events in self._epoll.poll(timeout):
+            callback = callbacks.get(fd)
+            if callback is not None:
+                try:
+                    callback(events)
+                except Exception:
+                    self._failures.error("event", "an event handler of the primary failed")
+
+    # ------------------------------------------------------------ requests and signals
+    def on_requests(self, handler: Callable[[list[object]], None]) -> None:
+        """``handler(requests)`` runs in the loop with the requests queued since last time."""
+        self._on_requests = handler
+
+    def request(self, request: object) -> None:
+        """Queue a request for the loop; safe from a signal handler or another thread."""
+        self._requests.append(request)
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")
+
+    def install_signal_handlers(self, requests: Mapping[int, object]) -> None:
+        """Each signal in ``requests`` queues its request; needs the main thread."""
+
+        def on_signal(signum: int, frame: object) -> None:
+            self._requests.append(requests[signum])
+
+        for signum in requests:
+            self._saved_signals[signum] = signal.signal(signum, on_signal)
+        self._saved_wakeup_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def restore_signal_handlers(self) -> None:
+        if self._saved_wakeup_fd is not None:
+            signal.set_wakeup_fd(self._saved_wakeup_fd)
+            self._saved_wakeup_fd = None
+        for signum, previous in self._saved_signals.items():
+            signal.signal(signum, previous)
+        self._saved_signals.clear()
+
+    def _on_wakeup(self, events: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+        if self._requests and self._on_requests is not None:
+            requests, self._requests = self._requests, []
+            self._on_requests(requests)
+
+    # ------------------------------------------------------------ teardown
+    def close(self) -> None:
+        """Restore the signals and close the epoll object and the pipe. Safe to call twice."""
+        self.restore_signal_handlers()
+        self._epoll.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+        self._callbacks.clear()
