@@ -89,6 +89,18 @@ def test_idle_connections_past_the_fd_limit_do_not_crash_a_non_root_primary() ->
         assert _settled_fd_count(server.pid, baseline) <= baseline
 
 
+def _processes_of(uid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid and pid_alive(int(entry)):
+                    found.append(int(entry))
+            except FileNotFoundError:
+                continue
+    return found
+
+
 def _answers(address: str) -> bool:
     try:
         return bool(answering_pid(request(address, timeout=3)))
@@ -172,6 +184,8 @@ def test_failed_forks_do_not_take_the_primary_down() -> None:
     # RLIMIT_NPROC counts every process of the user: the primary and two workers fit,
     # nothing more. A rolling restart and a scale-up then fail to fork.
     uid, gid = unprivileged_user()
+    # RLIMIT_NPROC counts every process of the user: wait for any earlier test's to end.
+    wait_for(lambda: not _processes_of(uid), 20, what=f"no processes of uid {uid}")
     wrapper = ["prlimit", "--nproc=3:3", *as_user(uid, gid)]
     options = dict(workers=2, wrapper=wrapper, health="127.0.0.1:0", log_level="info")
     with ServerProcess("tests.apps:async_pid_app", **options) as server:
