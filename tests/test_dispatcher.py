@@ -14,7 +14,6 @@ import select
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,7 +54,7 @@ class Harness:
         worker_end.setblocking(False)
         pid = 4_000_000 + worker_id
         handle = WorkerHandle(worker_id, pid, -1, primary_end, worker_end, 0)
-        handle.state = supervisor.READY
+        handle.life.move(supervisor.READY)
         handle.set_capacity(capacity, max_batch)
         self.server.workers[pid] = handle
         self.reactor.register(handle.fd, IN, lambda events, w=handle: self.server._on_channel(w, events))
@@ -208,14 +207,14 @@ def test_one_pass_reads_a_bounded_number_of_messages(harness: Any) -> None:
     assert left == 200 - 64
 
 
-def test_a_stray_ready_does_not_bring_back_a_draining_worker(harness: Any) -> None:
+def test_a_second_ready_is_a_protocol_error(harness: Any) -> None:
     h = harness()
     worker = h.worker(0)
-    worker.state = supervisor.DRAINING
-    h.dispatcher.rebuild_targets()
+    h.server.supervisor.by_pid[worker.pid] = worker.life
+    worker.life.said_ready = True
     h.from_worker(worker, protocol.Ready(10, 10))
     h.server._on_channel(worker, IN)
-    assert worker.state == supervisor.DRAINING and h.dispatcher.targets == []
+    assert h.killed == [worker.pid] and h.dispatcher.targets == []
 
 
 def test_sticky_balancing_enforces_max_requests(harness: Any) -> None:
@@ -272,16 +271,3 @@ def test_a_failed_start_leaves_nothing_behind_and_can_be_retried(tmp_path: Any) 
         assert not pidfile.exists() and not sock_path.exists()
         assert signal.getsignal(signal.SIGTERM) is before
         assert server.listeners == [] and server.workers == {}
-
-
-def test_memory_recycling_waits_on_the_monotonic_clock(harness: Any) -> None:
-    h = harness(max_memory=1000)
-    worker = h.worker(0)
-    recycled: list[str] = []
-    h.server._recycle = lambda w, now, why: recycled.append(why)  # type: ignore[method-assign]
-    worker.started_at -= 3600  # the wall clock jumped (NTP, a resumed VM): not its age
-    h.server._check_recycle(worker, protocol.Heartbeat(0, 0, 10_000, 0), time.monotonic())
-    assert recycled == []
-    worker.started_mono -= 10
-    h.server._check_recycle(worker, protocol.Heartbeat(0, 0, 10_000, 0), time.monotonic())
-    assert len(recycled) == 1

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -27,9 +29,12 @@ from dispatch.supervisor import (
     READY,
     Action,
     Drain,
+    IllegalTransition,
     Kill,
     Log,
+    Resume,
     Spawn,
+    Stall,
     Stop,
     Supervisor,
 )
@@ -123,9 +128,14 @@ def test_ready_worker_that_exits_is_respawned_at_once() -> None:
 def test_ready_and_heartbeat_for_unknown_pids_are_ignored() -> None:
     cluster = started(1)
     assert cluster.ready(99999) == []
-    assert cluster.ready(cluster.last_pid(0)) == []  # second Ready: no effect
-    cluster.sup.heartbeat(99999, 1.0)
+    assert cluster.sup.heartbeat(99999, 1.0) == []
     assert cluster.exited(99999) == []
+
+
+def test_a_second_ready_is_an_illegal_transition() -> None:
+    cluster = started(1)
+    with pytest.raises(IllegalTransition, match="said Ready twice"):
+        cluster.ready(cluster.last_pid(0))
 
 
 def test_boot_failure_backs_off_exponentially() -> None:
@@ -611,6 +621,12 @@ class SupervisorMachine(RuleBasedStateMachine):
             elif isinstance(action, Kill):
                 assert action.pid in sup.by_pid
                 self.killed.add(action.pid)
+            elif isinstance(action, Stall):
+                worker = sup.by_pid[action.pid]
+                assert worker.state == READY and worker.stalled
+                assert action.silent > sup.stall_after
+            elif isinstance(action, Resume):
+                assert not sup.by_pid[action.pid].stalled
             elif isinstance(action, Stop):
                 assert sup.by_pid == {}, f"Stop with workers left: {sorted(sup.by_pid)}"
                 assert action.code in (0, EXIT_BOOT_FAILURE)
@@ -638,6 +654,11 @@ class SupervisorMachine(RuleBasedStateMachine):
             max_boot_failures=max_boot_failures,
             backoff_base=0.5,
             backoff_max=4.0,
+            stall_after=2.5,
+            max_requests=5,
+            max_requests_jitter=3,
+            max_memory=1000,
+            rng=random.Random(0),
         )
         self.apply(self.sup.start(self.now), "start")
 
@@ -658,9 +679,21 @@ class SupervisorMachine(RuleBasedStateMachine):
         return [w.pid for w in self.sup.by_pid.values() if w.state == BOOTING]
 
     @precondition(lambda self: self.running() and self.sup.by_pid)
-    @rule(data=st.data())
-    def heartbeat(self, data: st.DataObject) -> None:
-        self.sup.heartbeat(self.pick(data, list(self.sup.by_pid)), self.now)
+    @rule(data=st.data(), total=st.integers(0, 10), rss=st.sampled_from([0, 500, 5000]))
+    def heartbeat(self, data: st.DataObject, total: int, rss: int) -> None:
+        pid = self.pick(data, list(self.sup.by_pid))
+        self.apply(self.sup.heartbeat(pid, self.now, total, rss), "heartbeat")
+        assert not self.sup.by_pid[pid].stalled  # it spoke
+
+    @precondition(lambda self: self.running() and self.sup.by_pid)
+    @rule(data=st.data(), count=st.integers(0, 10))
+    def connections_passed(self, data: st.DataObject, count: int) -> None:
+        pid = self.pick(data, list(self.sup.by_pid))
+        limit = self.sup.by_pid[pid].request_limit
+        actions = self.sup.passed(pid, count, self.now)
+        self.apply(actions, "passed")
+        if not limit or count < limit:
+            assert actions == []
 
     @precondition(lambda self: self.running() and self.sup.by_pid)
     @rule(data=st.data(), code=st.sampled_from(["exited with code 0", "exited with code 1"]))
@@ -768,6 +801,14 @@ class SupervisorMachine(RuleBasedStateMachine):
         replacing = {w.pid for w in sup.by_pid.values() if w.retiring}
         replacing |= {w.replaces for w in sup.by_pid.values() if w.replaces is not None}
         assert len(replacing - self.recycled) <= sup.restart_batch
+
+    @invariant()
+    def only_ready_or_draining_workers_stall(self) -> None:
+        if self.sup is None:
+            return
+        for worker in self.sup.by_pid.values():
+            assert not worker.stalled or worker.state in (READY, DRAINING)
+            assert 0 <= worker.request_limit <= 8
 
     @invariant()
     def stopping_once_asked(self) -> None:

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from dispatch.supervisor import EXIT_BOOT_FAILURE, Drain, Kill, Log, Spawn, Stop, Supervisor
+import random
+
+from dispatch.supervisor import (
+    EXIT_BOOT_FAILURE,
+    Drain,
+    Kill,
+    Log,
+    Resume,
+    Spawn,
+    Stall,
+    Stop,
+    Supervisor,
+)
 
 
 def started(workers: int = 2, **options: object) -> tuple[Supervisor, dict[int, int]]:
@@ -81,3 +93,30 @@ def test_scale_down_by_more_than_one_never_goes_below_one_worker() -> None:
     actions = sup.scale(-10, 1.0)
     assert sup.workers == 1
     assert sorted(a.pid for a in actions if isinstance(a, Drain)) == [pids[1], pids[2], pids[3]]
+
+
+def test_memory_recycling_waits_until_the_worker_is_old_enough() -> None:
+    sup, pids = started(max_memory=1000, memory_grace=5.0)
+    assert sup.heartbeat(pids[0], 4.0, rss=5000) == []  # 4 s old: a fresh worker's size
+    actions = sup.heartbeat(pids[0], 5.5, rss=5000)
+    assert any(isinstance(a, Spawn) and a.cause == "recycle" for a in actions)
+
+
+def test_a_silent_worker_stalls_and_resumes_when_it_speaks() -> None:
+    sup, pids = started(stall_after=2.5)
+    sup.heartbeat(pids[1], 2.0)
+    assert sup.tick(3.0) == [Stall(pids[0], 3.0)]
+    assert sup.tick(3.5) == []  # once
+    assert sup.heard_from(pids[0], 4.0) == [Resume(pids[0])]
+    assert sup.heard_from(pids[0], 4.1) == []
+
+
+def test_max_requests_jitter_comes_from_the_injected_rng() -> None:
+    limits = []
+    for _ in range(2):
+        sup = Supervisor(workers=3, max_requests=100, max_requests_jitter=50, rng=random.Random(7))
+        for action in sup.start(0.0):
+            assert isinstance(action, Spawn)
+            limits.append(sup.spawned(action.worker_id, 10 + action.worker_id, 0.0).request_limit)
+    assert limits[:3] == limits[3:] and all(100 <= x <= 150 for x in limits)
+    assert len(set(limits[:3])) > 1

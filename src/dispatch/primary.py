@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import resource
 import socket
 import time
@@ -23,6 +22,7 @@ from dispatch.balance import make_policy
 from dispatch.config import Config
 from dispatch.counters import Counters
 from dispatch.dispatcher import Dispatcher
+from dispatch.lifecycle import IllegalTransition
 from dispatch.listeners import bind, bound_name, remove_unix_path
 from dispatch.pidfile import Pidfile
 from dispatch.processes import WorkerHandle, describe_exit, fork_worker, kill, reap
@@ -32,9 +32,6 @@ from dispatch.systemd import Notifier, listen_sockets
 log = logging.getLogger("dispatch")
 
 _TICK = 0.1  # seconds between supervisor ticks
-# A worker younger than this is not recycled for memory: a max_memory below a fresh
-# worker's size must not turn into a restart storm.
-_MEMORY_GRACE = 5.0
 # Messages read from one channel per wakeup: a worker flooding its channel must not
 # starve the listeners and the other workers.
 _MESSAGES_PER_PASS = 64
@@ -190,6 +187,11 @@ class Server:
             boot_timeout=self.config.boot_timeout,
             graceful_timeout=self.config.graceful_timeout,
             restart_batch=self.config.restart_batch,
+            # Only the user-space modes can pass a silent worker over.
+            stall_after=self.config.stall_after if self.config.user_space else None,
+            max_requests=self.config.max_requests,
+            max_requests_jitter=self.config.max_requests_jitter,
+            max_memory=self.config.max_memory,
         )
 
     def _balance_name(self) -> str:
@@ -283,8 +285,8 @@ class Server:
 
     def _tick(self, now: float) -> None:
         """The periodic work; each step survives the failure of another."""
-        for step in (self._supervise, self._check_stalls, self._recycle_over_limit,
-                     self._announce, self._tick_health, self._tick_dispatcher):
+        for step in (self._supervise, self._recycle_over_limit, self._announce,
+                     self._tick_health, self._tick_dispatcher):
             try:
                 step(now)
             except Exception:
@@ -311,47 +313,21 @@ class Server:
         """Descriptors kept free for others than connections: health clients."""
         return self.health.max_clients if self.health is not None else 0
 
-    def _check_stalls(self, now: float) -> None:
-        """A ready worker silent for ``stall_after`` seconds gets no new connections, and
-        the ones waiting unread in its channel go to the others, long before ``timeout``
-        kills it. Its channel is a SEQPACKET socket: each message, with its descriptors,
-        is read whole by one side or the other, so nothing is served twice."""
-        dispatcher = self._dispatcher
-        if dispatcher is None:
-            return
-        limit = self.config.stall_after
-        for worker in list(self.workers.values()):
-            silent = now - worker.last_seen
-            if worker.stalled or worker.state != supervisor.READY or silent <= limit:
-                continue
-            worker.stalled = True
-            self.counters.stalls += 1
-            taken = dispatcher.worker_stalled(worker)
-            log.warning("worker %d (pid %d) silent for %.1fs: no new connections until it speaks "
-                        "again; %d connections it had not read go to other workers",
-                        worker.worker_id, worker.pid, silent, taken)
-        if dispatcher.pending:
-            dispatcher.dispatch_pending()
-
     def _recycle_over_limit(self, now: float) -> None:
         # On the tick, not while dispatching: a fork there would copy the batch in hand.
         if self._dispatcher is None or not self._dispatcher.over_limit:
             return
         over, self._dispatcher.over_limit = self._dispatcher.over_limit, []
         for worker in over:
-            if worker.pid in self.workers:
-                self._recycle(worker, now, f"passed {worker.sent} connections (max_requests {self.config.max_requests})")
+            self._apply(self.supervisor.passed(worker.pid, worker.sent, now))
 
     # ================================================================ workers
     def _spawn(self, worker_id: int, replaces: int | None) -> None:
         """Carry out a ``Spawn``; a fork that fails is a failed boot, never a crash."""
         assert self._reactor is not None
-        limit = 0
-        if self.config.max_requests:
-            limit = self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
         listeners = [] if self.config.user_space else self.listeners
         try:
-            worker = fork_worker(self.config, worker_id, self._inherited_fds(), listeners, limit)
+            worker = fork_worker(self.config, worker_id, self._inherited_fds(), listeners)
         except OSError as exc:
             self.counters.spawn_errors += 1
             log.error("worker %d: cannot start a process: %s", worker_id, exc)
@@ -360,7 +336,8 @@ class Server:
         self.workers[worker.pid] = worker
         self._reactor.register(worker.fd, IN, lambda events, w=worker: self._on_channel(w, events))
         self._reactor.register(worker.pidfd, IN, lambda events, w=worker: self._on_exit(w))
-        self.supervisor.spawned(worker_id, worker.pid, time.monotonic(), replaces)
+        worker.life = self.supervisor.spawned(worker_id, worker.pid, time.monotonic(), replaces)
+        worker.request_limit = worker.life.request_limit
         previous = self._last_pid.get(worker_id)
         self._last_pid[worker_id] = worker.pid
         if replaces is not None:
@@ -410,26 +387,25 @@ class Server:
             self._on_message(worker, message, now)
 
     def _on_message(self, worker: WorkerHandle, message: protocol.Message, now: float) -> None:
-        worker.last_seen = now
-        if worker.stalled:
-            worker.stalled = False
-            log.info("worker %d (pid %d) speaks again; passing it connections again",
-                     worker.worker_id, worker.pid)
-            if self._dispatcher is not None:
-                self._dispatcher.rebuild_targets()
-                if self._dispatcher.pending:
-                    self._dispatcher.dispatch_pending()
         if isinstance(message, protocol.Done):
+            self._apply(self.supervisor.heard_from(worker.pid, now))
             if self._dispatcher is not None:
                 self._dispatcher.on_done(worker, message.count)
         elif isinstance(message, protocol.Heartbeat):
             worker.report = message
-            self.supervisor.heartbeat(worker.pid, now)
-            self._check_recycle(worker, message, now)
+            self._apply(self.supervisor.heartbeat(worker.pid, now, message.total, message.rss))
         elif isinstance(message, protocol.Ready):
-            if worker.state == supervisor.BOOTING:  # a stray Ready changes nothing
+            self._apply(self.supervisor.heard_from(worker.pid, now))
+            try:
+                actions = self.supervisor.ready(worker.pid, now)
+            except IllegalTransition as exc:
+                self._channel_broken(worker, f"it broke the protocol ({exc})")
+                return
+            if worker.state == supervisor.READY:
                 worker.set_capacity(message.capacity, message.max_batch)
-                self._on_ready(worker, now)
+                log.info("worker %d (pid %d) ready", worker.worker_id, worker.pid)
+            self._apply(actions)
+            self._on_ready()
 
     def _channel_broken(self, worker: WorkerHandle, why: str) -> None:
         if self._dispatcher is not None:
@@ -440,10 +416,7 @@ class Server:
             self._reactor.unregister(worker.fd)
             kill(worker.pid)
 
-    def _on_ready(self, worker: WorkerHandle, now: float) -> None:
-        worker.state = supervisor.READY
-        log.info("worker %d (pid %d) ready", worker.worker_id, worker.pid)
-        self._apply(self.supervisor.ready(worker.pid, now))
+    def _on_ready(self) -> None:
         ready = sum(1 for w in self.workers.values() if w.state == supervisor.READY)
         if not self._announced_ready and ready >= self.config.workers:
             self._announced_ready = True
@@ -462,18 +435,6 @@ class Server:
         elif self._dispatcher is not None:
             self._dispatcher.channel_writable(worker)
 
-    def _check_recycle(self, worker: WorkerHandle, report: protocol.Heartbeat, now: float) -> None:
-        """Kernel modes count connections in heartbeats; memory is checked in every mode."""
-        if worker.request_limit and report.total >= worker.request_limit:
-            worker.request_limit = 0
-            self._recycle(worker, now, f"handled {report.total} connections (max_requests {self.config.max_requests})")
-        elif (self.config.max_memory and report.rss > self.config.max_memory
-              and now - worker.started_mono >= _MEMORY_GRACE):
-            self._recycle(worker, now, f"resident memory {report.rss} bytes is over max_memory {self.config.max_memory}")
-
-    def _recycle(self, worker: WorkerHandle, now: float, why: str) -> None:
-        self._apply(self.supervisor.recycle(worker.pid, now, why))
-
     def _on_exit(self, worker: WorkerHandle) -> None:
         status = reap(worker.pid)
         if status is None:
@@ -485,7 +446,7 @@ class Server:
         del self.workers[worker.pid]
         salvaged = self._dispatcher.worker_exited(worker) if self._dispatcher is not None else 0
         worker.close()
-        expected = worker.state == supervisor.DRAINING and status == 0
+        expected = self.supervisor.expected_exit(worker.pid, status == 0)
         level = logging.INFO if expected else logging.WARNING
         extra = f"; {salvaged} connections it had not read go to other workers" if salvaged else ""
         log.log(level, "worker %d (pid %d) %s%s", worker.worker_id, worker.pid, how, extra)
@@ -503,17 +464,39 @@ class Server:
             elif isinstance(action, supervisor.Drain):
                 worker = self.workers.get(action.pid)
                 if worker is not None:
-                    worker.state = supervisor.DRAINING
                     if self._dispatcher is not None:
                         self._dispatcher.rebuild_targets()  # stop sending before asking it to drain
                     self._send_drain(worker)
             elif isinstance(action, supervisor.Kill):
                 kill(action.pid)
+            elif isinstance(action, supervisor.Stall | supervisor.Resume):
+                self._stall_or_resume(action)
             elif isinstance(action, supervisor.Log):
                 log.log(action.level, action.message)
             elif isinstance(action, supervisor.Stop):
                 self._running = False
                 self._exit_code = action.code
+
+    def _stall_or_resume(self, action: supervisor.Stall | supervisor.Resume) -> None:
+        """A worker silent for ``stall_after`` gets no new connections, and the ones waiting
+        unread in its channel go to the others, long before ``timeout`` kills it. Its
+        channel is a SEQPACKET socket: each message, with its descriptors, is read whole by
+        one side or the other, so nothing is served twice. When it speaks, it is back."""
+        worker = self.workers.get(action.pid)
+        if worker is None or self._dispatcher is None:
+            return
+        if isinstance(action, supervisor.Stall):
+            self.counters.stalls += 1
+            taken = self._dispatcher.worker_stalled(worker)
+            log.warning("worker %d (pid %d) silent for %.1fs: no new connections until it speaks "
+                        "again; %d connections it had not read go to other workers",
+                        worker.worker_id, worker.pid, action.silent, taken)
+        else:
+            log.info("worker %d (pid %d) speaks again; passing it connections again",
+                     worker.worker_id, worker.pid)
+            self._dispatcher.rebuild_targets()
+        if self._dispatcher.pending:
+            self._dispatcher.dispatch_pending()
 
     def _send_drain(self, worker: WorkerHandle) -> None:
         try:

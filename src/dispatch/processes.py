@@ -10,20 +10,25 @@ import socket
 import time
 from collections.abc import Sequence
 
-from dispatch import _fdpass, protocol, supervisor
+from dispatch import _fdpass, protocol
 from dispatch.config import Config
+from dispatch.lifecycle import Phase, WorkerState
 from dispatch.worker import worker_main
 
 log = logging.getLogger("dispatch")
 
 
 class WorkerHandle:
-    """One worker process: its pid, pidfd, channel, and what the primary passed to it."""
+    """One worker process: its pid, pidfd, channel, and what the primary passed to it.
+
+    Its place in the lifecycle (phase, last heard from, stalled) is the
+    supervisor's ``WorkerState``, read through ``life``, never copied.
+    """
 
     __slots__ = (
-        "worker_id", "pid", "pidfd", "channel", "worker_end", "fd", "state", "sent", "done",
-        "full", "drain_unsent", "report", "last_seen", "started_at", "started_mono",
-        "request_limit", "capacity", "max_batch", "stalled", "out_of_credit",
+        "worker_id", "pid", "pidfd", "channel", "worker_end", "fd", "life", "sent", "done",
+        "full", "drain_unsent", "report", "started_at", "request_limit", "capacity",
+        "max_batch", "out_of_credit",
     )
 
     def __init__(self, worker_id: int, pid: int, pidfd: int, channel: socket.socket,
@@ -34,19 +39,31 @@ class WorkerHandle:
         self.channel = channel  # the primary's end
         self.worker_end = worker_end  # kept open so unread connections can be taken back
         self.fd = channel.fileno()
-        self.state = supervisor.BOOTING
+        self.life = WorkerState(worker_id, pid, time.monotonic())  # the supervisor's, once spawned
         self.sent = 0  # connections passed to it
         self.done = 0  # connections it reported finished
         self.full = False  # its channel said EAGAIN
         self.drain_unsent = False  # Drain waits for room in the channel
         self.report: protocol.Heartbeat | None = None
         self.started_at = time.time()
-        self.started_mono = self.last_seen = time.monotonic()
-        self.request_limit = request_limit
+        self.request_limit = request_limit  # the supervisor's threshold, checked on the hot path
         self.capacity = 0  # most connections outstanding (sent - done); 0: no limit; from Ready
         self.max_batch = _fdpass.SCM_MAX_FD  # descriptors per message
-        self.stalled = False  # silent too long: gets nothing until it speaks again
         self.out_of_credit = False  # holds ``capacity`` connections: gets nothing until Done
+
+    @property
+    def state(self) -> Phase:
+        return self.life.state
+
+    @property
+    def stalled(self) -> bool:
+        """Silent too long: gets nothing until it speaks again."""
+        return self.life.stalled
+
+    @property
+    def last_seen(self) -> float:
+        """When it was last heard from (``time.monotonic()``)."""
+        return self.life.last_seen
 
     @property
     def outstanding(self) -> int:
@@ -66,7 +83,7 @@ class WorkerHandle:
 
 
 def fork_worker(config: Config, worker_id: int, inherited: Sequence[int],
-                listeners: list[socket.socket], request_limit: int) -> WorkerHandle:
+                listeners: list[socket.socket]) -> WorkerHandle:
     """Fork one worker; on failure (``OSError``) nothing is left open and no child behind.
 
     ``inherited`` are the primary's descriptors the child closes at once;
@@ -93,7 +110,7 @@ def fork_worker(config: Config, worker_id: int, inherited: Sequence[int],
         primary_end.close()
         worker_end.close()
         raise
-    return WorkerHandle(worker_id, pid, pidfd, primary_end, worker_end, request_limit)
+    return WorkerHandle(worker_id, pid, pidfd, primary_end, worker_end, 0)
 
 
 def kill(pid: int) -> None:

@@ -4,90 +4,41 @@ It never touches a process. The primary tells it what happened (a worker was
 spawned, said ready, sent a heartbeat, exited; time passed; a signal asked for
 a reload, a scale change or a shutdown) and gets back a list of actions to
 carry out: ``Spawn``, ``Drain``, ``Kill``, ``Stop``, and ``Log`` lines that say
-why. Everything about restart policy lives here and is tested without
-processes: crash-loop backoff, heartbeat and boot timeouts, rolling restart,
-recycling and scaling.
+why. Everything about a worker's life is decided here and tested without
+processes: crash-loop backoff, heartbeat and boot timeouts, stalls, rolling
+restart, recycling thresholds, scaling, and which exits count as restarts.
+The vocabulary (phases, actions, state) is in ``dispatch.lifecycle``.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field
 
-BOOTING, READY, DRAINING = "booting", "ready", "draining"
+from dispatch.lifecycle import (
+    BOOTING,
+    DRAINING,
+    EXIT_BOOT_FAILURE,
+    READY,
+    Action,
+    Drain,
+    IllegalTransition,
+    Kill,
+    Log,
+    Phase,
+    Resume,
+    Slot,
+    Spawn,
+    Stall,
+    Stop,
+    WorkerState,
+)
 
-#: Exit code of the primary when workers keep failing to boot.
-EXIT_BOOT_FAILURE = 3
-
-
-@dataclass(frozen=True)
-class Spawn:
-    """Fork a worker for slot ``worker_id``; ``replaces`` is the pid it takes over from.
-
-    ``cause`` is set when the spawn is a restart the metrics count ("recycle").
-    """
-
-    worker_id: int
-    replaces: int | None = None
-    cause: str | None = None
-
-
-@dataclass(frozen=True)
-class Drain:
-    """Stop sending to ``pid`` first, then tell it to finish and exit."""
-
-    pid: int
-
-
-@dataclass(frozen=True)
-class Kill:
-    """SIGKILL ``pid``; ``cause`` is counted in the restart metrics."""
-
-    pid: int
-    cause: str
-
-
-@dataclass(frozen=True)
-class Stop:
-    """Every worker is gone: leave the loop and exit with ``code``."""
-
-    code: int
-
-
-@dataclass(frozen=True)
-class Log:
-    level: int
-    message: str
-
-
-Action = Spawn | Drain | Kill | Stop | Log
-
-
-@dataclass
-class WorkerState:
-    """What the supervisor knows of one worker process."""
-
-    worker_id: int
-    pid: int
-    spawned_at: float
-    state: str = BOOTING
-    last_seen: float = 0.0
-    deadline: float | None = None  # boot or drain deadline
-    replaces: int | None = None  # pid of the worker this one takes over from
-    retiring: bool = False  # a replacement is on its way; exit is expected
-    kill_cause: str | None = None
-    recycle_why: str | None = None  # asked to recycle; retried after a failed replacement
-
-
-@dataclass
-class Slot:
-    """A worker id: survives the processes that fill it."""
-
-    boot_failures: int = 0
-    respawn_at: float | None = None
-    restarts: int = 0
-    recycle_failures: int = 0  # replacements for a recycle that died before ready, in a row
-    recycle_not_before: float = 0.0
+__all__ = [
+    "BOOTING", "DRAINING", "EXIT_BOOT_FAILURE", "READY", "Action", "Drain", "IllegalTransition",
+    "Kill", "Log", "Phase", "Resume", "Slot", "Spawn", "Stall", "Stop", "Supervisor", "WorkerState",
+]
 
 
 @dataclass
@@ -102,6 +53,15 @@ class Supervisor:
     max_boot_failures: int = 5
     backoff_base: float = 0.5
     backoff_max: float = 30.0
+    #: Silence after which a ready worker is passed over (``Stall``); None: never.
+    stall_after: float | None = None
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    max_memory: int = 0
+    #: A worker younger than this is not recycled for memory: a max_memory below a fresh
+    #: worker's size must not turn into a restart storm.
+    memory_grace: float = 5.0
+    rng: random.Random = field(default_factory=random.Random)
 
     by_pid: dict[int, WorkerState] = field(default_factory=dict)
     slots: dict[int, Slot] = field(default_factory=dict)
@@ -122,18 +82,34 @@ class Supervisor:
         self.slots = {i: Slot() for i in range(self.workers)}
         return [Spawn(i) for i in range(self.workers)]
 
-    def spawned(self, worker_id: int, pid: int, now: float, replaces: int | None = None) -> None:
-        """A ``Spawn`` was carried out: ``pid`` now fills ``worker_id``."""
+    def spawned(self, worker_id: int, pid: int, now: float, replaces: int | None = None) -> WorkerState:
+        """A ``Spawn`` was carried out: ``pid`` now fills ``worker_id``. Returns its state,
+        which the primary reads (never copies)."""
         self.slots.setdefault(worker_id, Slot()).respawn_at = None
-        self.by_pid[pid] = WorkerState(
-            worker_id, pid, now, last_seen=now, deadline=now + self.boot_timeout, replaces=replaces
+        limit = 0
+        if self.max_requests:
+            # Jitter spreads the recycling of workers that started together.
+            limit = self.max_requests + self.rng.randint(0, self.max_requests_jitter)
+        worker = self.by_pid[pid] = WorkerState(
+            worker_id, pid, now, last_seen=now, deadline=now + self.boot_timeout, replaces=replaces,
+            request_limit=limit,
         )
+        return worker
 
     def ready(self, pid: int, now: float) -> list[Action]:
+        """``pid`` said it is ready. A second ``Ready`` is a protocol error
+        (``IllegalTransition``); a first one from a worker drained while it booted is
+        a race and changes nothing."""
         worker = self.by_pid.get(pid)
-        if worker is None or worker.state != BOOTING:
+        if worker is None:
             return []
-        worker.state, worker.last_seen, worker.deadline = READY, now, None
+        if worker.said_ready:
+            raise IllegalTransition(f"worker {worker.worker_id} (pid {pid}) said Ready twice")
+        worker.said_ready = True
+        if worker.state != BOOTING:
+            return []
+        worker.move(READY)
+        worker.last_seen, worker.deadline = now, None
         self.ever_ready = True
         slot = self.slots[worker.worker_id]
         slot.boot_failures = 0
@@ -151,10 +127,42 @@ class Supervisor:
                 actions += self._continue_restart(now)
         return actions
 
-    def heartbeat(self, pid: int, now: float) -> None:
+    def heard_from(self, pid: int, now: float) -> list[Action]:
+        """Any message from ``pid``: it is alive; a stalled worker gets connections again."""
         worker = self.by_pid.get(pid)
-        if worker is not None:
-            worker.last_seen = now
+        if worker is None:
+            return []
+        worker.last_seen = now
+        if worker.stalled:
+            worker.stalled = False
+            return [Resume(pid)]
+        return []
+
+    def heartbeat(self, pid: int, now: float, total: int = 0, rss: int = 0) -> list[Action]:
+        """A health report: ``total`` connections handled, ``rss`` bytes resident. Recycles
+        a worker past ``max_requests`` (kernel modes count here) or ``max_memory``."""
+        actions = self.heard_from(pid, now)
+        worker = self.by_pid.get(pid)
+        if worker is None:
+            return actions
+        if worker.request_limit and total >= worker.request_limit:
+            actions += self.passed(pid, total, now, "handled")
+        elif self.max_memory and rss > self.max_memory and now - worker.spawned_at >= self.memory_grace:
+            actions += self.recycle(pid, now, f"resident memory {rss} bytes is over max_memory {self.max_memory}")
+        return actions
+
+    def passed(self, pid: int, count: int, now: float, verb: str = "passed") -> list[Action]:
+        """``pid`` was passed (or handled) ``count`` connections: recycle it at its limit."""
+        worker = self.by_pid.get(pid)
+        if worker is None or not worker.request_limit or count < worker.request_limit:
+            return []
+        worker.request_limit = 0  # once
+        return self.recycle(pid, now, f"{verb} {count} connections (max_requests {self.max_requests})")
+
+    def expected_exit(self, pid: int, clean: bool) -> bool:
+        """Whether ``pid`` ending (``clean``: exit code 0) is what was asked of it."""
+        worker = self.by_pid.get(pid)
+        return worker is not None and worker.state == DRAINING and clean
 
     def exited(self, pid: int, now: float, how: str, signaled: bool = False) -> list[Action]:
         """``pid`` is gone; ``how`` says why in words ("exit code 1", "signal 9").
@@ -217,7 +225,12 @@ class Supervisor:
         for worker in list(self.by_pid.values()):
             if worker.kill_cause is not None:
                 continue
-            if worker.state == READY and now - worker.last_seen > self.timeout:
+            silent = now - worker.last_seen
+            if (self.stall_after is not None and worker.state == READY and not worker.stalled
+                    and silent > self.stall_after):
+                worker.stalled = True
+                actions.append(Stall(worker.pid, silent))
+            if worker.state == READY and silent > self.timeout:
                 actions += self._kill(worker, "timeout", f"worker {worker.worker_id} (pid {worker.pid}) sent no heartbeat for {now - worker.last_seen:.1f}s (timeout {self.timeout:g}s); killing it")
             elif worker.deadline is not None and now > worker.deadline:
                 what = "became ready" if worker.state == BOOTING else "finished draining"
@@ -339,7 +352,7 @@ class Supervisor:
         return [Log(logging.WARNING, f"{what}; retrying in {delay:g}s")]
 
     def _drain(self, worker: WorkerState, now: float) -> list[Action]:
-        worker.state = DRAINING
+        worker.move(DRAINING)
         worker.deadline = now + self.graceful_timeout
         return [Drain(worker.pid)]
 
