@@ -57,7 +57,7 @@ def writing_client(h: Harness) -> socket.socket:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(5)
-    sock.connect(h.health._listener.getsockname())
+    sock.connect(h.health.listener.getsockname())
     sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
     return sock
 
@@ -66,7 +66,7 @@ def big_answers(h: Harness) -> None:
     """Make /metrics far larger than a small socket buffer."""
     workers = [fake_worker(i, 10_000_000 + i, sent=i, report=Heartbeat(0, i, 1 << 20, 10)) for i in range(500)]
     h.primary.workers = {w.pid: w for w in workers}
-    h.health._listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted sockets inherit it
+    h.health.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted sockets inherit it
 
 
 def test_idle_clients_in_every_slot_do_not_keep_healthz_out(harness: Any) -> None:
@@ -124,7 +124,7 @@ def test_clients_writing_answers_keep_their_slots(harness: Any) -> None:
     h = harness(max_clients=3)
     big_answers(h)
     writers = [writing_client(h) for _ in range(2)]
-    wait_for(lambda: h.loop.run_once() or sum(c.writing for c in h.health._clients.values()) == 2, 5,
+    wait_for(lambda: h.loop.run_once() or h.health.writing == 2, 5,
              what="two answers waiting for EPOLLOUT")
     idle = h.connect()
     h.accept_pending(3)
@@ -133,7 +133,7 @@ def test_clients_writing_answers_keep_their_slots(harness: Any) -> None:
     assert cut(idle) and h.health.evicted == 1
     # Only writers left (a third joins): nobody to make room, so a 503.
     writers.append(writing_client(h))
-    wait_for(lambda: h.loop.run_once() or sum(c.writing for c in h.health._clients.values()) == 3, 5,
+    wait_for(lambda: h.loop.run_once() or h.health.writing == 3, 5,
              what="three answers waiting for EPOLLOUT")
     with h.connect() as extra:
         extra.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
@@ -151,7 +151,7 @@ def test_a_full_table_of_writers_is_swept_at_their_deadline(harness: Any) -> Non
     h = harness(max_clients=2, timeout=0.5)
     big_answers(h)
     writers = [writing_client(h) for _ in range(2)]  # and never read
-    wait_for(lambda: h.loop.run_once() or sum(c.writing for c in h.health._clients.values()) == 2, 5,
+    wait_for(lambda: h.loop.run_once() or h.health.writing == 2, 5,
              what="two answers waiting for EPOLLOUT")
     time.sleep(0.6)
     # Nobody calls tick(): a full table is swept of expired clients on accept.

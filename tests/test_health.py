@@ -16,6 +16,7 @@ import re
 import select
 import signal
 import socket
+import sys
 import time
 from collections import Counter
 from types import SimpleNamespace
@@ -27,13 +28,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatch import health as health_module
 from dispatch.config import Address
-from dispatch.health import HealthServer, parse_request_line
+from dispatch.counters import Counters
+from dispatch.health import HealthServer, HTTPServer, PrimaryView, WorkerView
+from dispatch.health.http import parse_request_line, render
 from dispatch.listeners import BindError
+from dispatch.primary import Server, WorkerHandle
 from dispatch.protocol import Heartbeat
 from tests.helpers import ServerProcess, connect, request, wait_for
 
+CLUSTER_FIELDS = {
+    "primary_pid", "uptime_s", "balance", "worker_count", "connections_total", "connections_in_flight",
+    "accepting", "workers",
+}
 WORKER_FIELDS = {
     "id", "pid", "state", "stalled", "uptime_s", "memory_rss", "cpu_percent", "connections_total",
     "connections_active", "heartbeat_age_s", "restarts",
@@ -132,12 +139,13 @@ class Loop:
 
 def fake_worker(worker_id: int, pid: int, state: str = "ready", sent: int = 0,
                 report: Heartbeat | None = None) -> SimpleNamespace:
-    return SimpleNamespace(worker_id=worker_id, pid=pid, state=state, sent=sent, done=0, report=report,
+    """A ``dispatch.health.WorkerView``: exactly the names the views may read."""
+    return SimpleNamespace(worker_id=worker_id, pid=pid, state=state, sent=sent, report=report,
                            stalled=False, started_at=time.time() - 2.0, last_seen=time.monotonic() - 0.5)
 
 
 def fake_primary(workers: list[SimpleNamespace] | None = None) -> SimpleNamespace:
-    """What HealthServer reads of a ``dispatch.primary.Server``."""
+    """A ``dispatch.health.PrimaryView``: what HealthServer reads of a ``dispatch.primary.Server``."""
     if workers is None:
         workers = [
             fake_worker(0, os.getpid(), sent=7, report=Heartbeat(1, 6, 10_000_000, 1500)),
@@ -150,9 +158,10 @@ def fake_primary(workers: list[SimpleNamespace] | None = None) -> SimpleNamespac
         started_at=time.time() - 10.0,
         config=SimpleNamespace(balance="round-robin"),
         restarts_by_cause={"signal": 2, "oom": 1},
-        stats={"salvaged": 3, "backpressure": 4, "accept_errors": 0, "stalls": 1},
-        _accepting=True,
-        _pending=[5, 6],
+        counters=Counters(salvaged=3, backpressure=4, stalls=1),
+        accepting=True,
+        pending_count=2,
+        in_flight=5,
     )
 
 
@@ -206,7 +215,7 @@ def test_address_is_what_was_bound(harness: Any) -> None:
     host, port = h.health.address.rsplit(":", 1)
     assert host == "127.0.0.1" and int(port) > 0
     assert str(h.health) == h.health.address
-    assert h.health.fds() == [h.health._listener.fileno()]
+    assert h.health.fds() == [h.health.listener.fileno()]
 
 
 def test_bind_error_names_the_address() -> None:
@@ -247,7 +256,9 @@ def test_cluster_health_document(harness: Any) -> None:
     doc = reply.json()
     assert doc["primary_pid"] == os.getpid()
     assert 9 < doc["uptime_s"] < 60
+    assert set(doc) == CLUSTER_FIELDS
     assert (doc["balance"], doc["worker_count"], doc["connections_total"]) == ("round-robin", 2, 12)
+    assert (doc["connections_in_flight"], doc["accepting"]) == (5, True)
     ready, booting = doc["workers"]
     assert set(ready) == set(booting) == WORKER_FIELDS
     assert (ready["id"], ready["pid"], ready["state"]) == (0, os.getpid(), "ready")
@@ -296,12 +307,45 @@ def test_metrics_exposition(harness: Any) -> None:
     assert samples[("dispatch_worker_heartbeat_age_seconds", (("pid", me), ("worker", "0")))] >= 0.5
     assert samples[("dispatch_accept_paused", ())] == 0
     assert samples[("dispatch_pending_connections", ())] == 2
-    h.primary._accepting = False
+    assert samples[("dispatch_connections_in_flight", ())] == 5
+    h.primary.accepting = False
     assert metrics(h.get("/metrics").text)[("dispatch_accept_paused", ())] == 1
 
 
+#: Every family of /metrics, in order: name, type, help. Dashboards and alerts are built on these.
+FAMILIES = [
+    ("dispatch_connections_dispatched", "counter", "Connections the primary passed to workers."),
+    ("dispatch_worker_restarts", "counter", "Workers replaced, by cause."),
+    ("dispatch_accept_backpressure", "counter", "Times a worker's channel was full (EAGAIN) and it was skipped."),
+    ("dispatch_connections_salvaged", "counter", "Connections taken back from dead workers and passed to others."),
+    ("dispatch_worker_stalls", "counter", "Times a worker went silent and stopped receiving connections."),
+    ("dispatch_accept_errors", "counter", "Failed accept() calls in the primary."),
+    ("dispatch_inflight_full", "counter", "Times no more descriptors could be in flight to workers "
+                                          "(budget or ETOOMANYREFS) and accepting paused."),
+    ("dispatch_policy_errors", "counter", "Answers of the balancing policy that were invalid or raised "
+                                          "(round-robin answered instead)."),
+    ("dispatch_spawn_errors", "counter", "Workers that could not be forked (fork, socketpair, pidfd_open)."),
+    ("dispatch_connections_in_flight", "gauge", "Connections passed to workers and not yet reported done."),
+    ("dispatch_accept_paused", "gauge", "1 while workers exist but the primary is not accepting."),
+    ("dispatch_pending_connections", "gauge", "Connections accepted (or taken back) but not yet passed on."),
+    ("dispatch_uptime_seconds", "gauge", "Seconds since the primary started."),
+    ("dispatch_workers", "gauge", "Worker processes, by state."),
+    ("dispatch_worker_memory_rss_bytes", "gauge", "Resident memory of each worker."),
+    ("dispatch_worker_connections_active", "gauge", "Connections each worker is handling (last heartbeat)."),
+    ("dispatch_worker_connections", "counter", "Connections passed to (kernel modes: handled by) each worker."),
+    ("dispatch_worker_cpu_seconds", "counter", "User+system CPU time of each worker (last heartbeat)."),
+    ("dispatch_worker_heartbeat_age_seconds", "gauge", "Seconds since each worker was last heard from."),
+]
+
+
+def test_metric_families_names_types_and_help_are_stable(harness: Any) -> None:
+    families = text_string_to_metric_families(harness().get("/metrics").text)
+    assert [(f.name, f.type, f.documentation) for f in families] == FAMILIES
+
+
 def test_metrics_without_prometheus_client(harness: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(health_module, "prometheus_client", None)
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import raises ImportError
+    monkeypatch.delitem(sys.modules, "dispatch.health.metrics", raising=False)
     h = harness()
     reply = h.get("/metrics")
     assert reply.status == 501 and "prometheus_client" in reply.text
@@ -365,8 +409,8 @@ def test_silent_and_slow_clients_are_dropped_at_their_deadline(harness: Any) -> 
     h.health.tick(time.monotonic())
     assert len(h.health.fds()) == 3  # not yet
     h.health.tick(time.monotonic() + 5.1)
-    assert h.health.fds() == [h.health._listener.fileno()]
-    assert set(h.loop.callbacks) == {h.health._listener.fileno()}
+    assert h.health.fds() == [h.health.listener.fileno()]
+    assert set(h.loop.callbacks) == {h.health.listener.fileno()}
     for sock in (silent, slow):
         sock.setblocking(True)
         sock.settimeout(5)
@@ -378,14 +422,14 @@ def test_answer_larger_than_the_socket_buffer_finishes_on_epollout(harness: Any)
     h = harness()
     workers = [fake_worker(i, 10_000_000 + i, sent=i, report=Heartbeat(0, i, 1 << 20, 10)) for i in range(500)]
     h.primary.workers = {w.pid: w for w in workers}
-    h.health._listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted sockets inherit it
+    h.health.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted sockets inherit it
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(5)
-    sock.connect(h.health._listener.getsockname())
+    sock.connect(h.health.listener.getsockname())
     with sock:
         sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
-        wait_for(lambda: h.loop.run_once() or any(c.writing for c in h.health._clients.values()), 5,
+        wait_for(lambda: h.loop.run_once() or h.health.writing == 1, 5,
                  what="the answer to wait for EPOLLOUT")
         reply = Reply(h.loop.exchange(sock))
     assert reply.status == 200 and int(reply.headers["content-length"]) == len(reply.body) > 100_000
@@ -423,6 +467,37 @@ def test_any_head_gets_an_http_answer(head: bytes) -> None:
     finally:
         health.close()
     assert re.match(rb"HTTP/1\.1 [1-5]\d\d ", response)
+
+
+def test_the_http_server_knows_only_its_routes() -> None:
+    loop = Loop()
+    server = HTTPServer(Address.parse("127.0.0.1:0"), {"/ping": lambda: render(200, b"pong")})
+    server.attach(loop.register, loop.unregister)
+    try:
+        with connect(server.address) as sock:
+            sock.sendall(b"GET /ping?x=1 HTTP/1.1\r\n\r\n")
+            reply = Reply(loop.exchange(sock))
+        assert (reply.status, reply.body) == (200, b"pong")
+        missing = Reply(server.handle(b"GET /healthz HTTP/1.1\r\n\r\n"))
+        assert (missing.status, missing.text) == (404, "no such path; try /ping\n")
+    finally:
+        server.close()
+        loop.epoll.close()
+
+
+def test_the_primary_has_every_name_the_views_read() -> None:
+    """``dispatch.primary.Server`` and its workers provide ``PrimaryView`` and ``WorkerView``.
+
+    The names, here; ``mypy`` checks their types where the primary passes itself.
+    """
+    def members(protocol: type) -> list[str]:
+        return [name for name, value in vars(protocol).items() if isinstance(value, property)]
+
+    assert len(members(PrimaryView)) == 10 and len(members(WorkerView)) == 8
+    server = Server("tests.apps:pid_app", workers=1)  # not started: nothing bound or forked
+    assert [name for name in members(PrimaryView) if not hasattr(server, name)] == []
+    assert [name for name in members(WorkerView)
+            if name not in WorkerHandle.__slots__ and not hasattr(WorkerHandle, name)] == []
 
 
 def test_parse_request_line() -> None:
