@@ -21,10 +21,11 @@ import pytest
 
 from dispatch import Server, Sticky, _fdpass, protocol, supervisor
 from dispatch import dispatcher as dispatcher_module
-from dispatch import primary as primary_module
+from dispatch import fleet as fleet_module
 from dispatch.balance import make_policy
 from dispatch.control import Scale
 from dispatch.dispatcher import Dispatcher
+from dispatch.fleet import Fleet
 from dispatch.processes import WorkerHandle
 from dispatch.reactor import IN, FailureLog, Reactor
 
@@ -46,6 +47,11 @@ class Harness:
                                      self.reactor, self.server.counters, FailureLog(), 16, 16)
         self.dispatcher.budget = 10_000
         self.server._dispatcher = self.dispatcher
+        self.fleet = Fleet(self.server.config, self.server.supervisor, self.reactor, self.server.workers,
+                           self.server.counters, self.server._apply, list, [], lambda: None,
+                           lambda *args: None)
+        self.fleet.dispatcher = self.dispatcher
+        self.server._fleet = self.fleet
         self.ends: dict[int, socket.socket] = {}
 
     def worker(self, worker_id: int, capacity: int = 0, max_batch: int = 253) -> WorkerHandle:
@@ -57,7 +63,7 @@ class Harness:
         handle.life.move(supervisor.READY)
         handle.set_capacity(capacity, max_batch)
         self.server.workers[pid] = handle
-        self.reactor.register(handle.fd, IN, lambda events, w=handle: self.server._on_channel(w, events))
+        self.reactor.register(handle.fd, IN, lambda events, w=handle: self.fleet._on_channel(w, events))
         self.dispatcher.rebuild_targets()
         self.ends[pid] = worker_end
         return handle
@@ -100,7 +106,7 @@ def harness(monkeypatch: Any) -> Iterator[Any]:
     made: list[Harness] = []
     killed: list[int] = []
     monkeypatch.setattr(dispatcher_module, "kill", killed.append)
-    monkeypatch.setattr(primary_module, "kill", killed.append)
+    monkeypatch.setattr(fleet_module, "kill", killed.append)
 
     def make(**options: Any) -> Harness:
         made.append(Harness(**options))
@@ -179,7 +185,7 @@ def test_done_is_clamped_to_what_was_sent(harness: Any) -> None:
     worker = h.worker(0)
     h.dispatch(3)
     h.from_worker(worker, protocol.Done(2**32 - 1))
-    h.server._on_channel(worker, IN)
+    h.fleet._on_channel(worker, IN)
     assert worker.done == worker.sent == 3 and h.dispatcher.outstanding == 0
 
 
@@ -187,7 +193,7 @@ def test_a_protocol_error_retires_the_worker_without_breaking_the_loop(harness: 
     h = harness()
     bad, good = h.worker(0), h.worker(1)
     h.from_worker(bad, b"\xffgarbage")
-    h.server._on_channel(bad, IN)
+    h.fleet._on_channel(bad, IN)
     assert h.killed == [bad.pid] and h.dispatcher.targets == [good]
     # Later calls that touch its (now unregistered) channel must not raise.
     h.reactor.modify(bad.fd, IN | select.EPOLLOUT)
@@ -200,7 +206,7 @@ def test_one_pass_reads_a_bounded_number_of_messages(harness: Any) -> None:
     worker = h.worker(0)
     for _ in range(200):
         h.from_worker(worker, protocol.Heartbeat(0, 0, 0, 0))
-    h.server._on_channel(worker, IN)
+    h.fleet._on_channel(worker, IN)
     left = 0
     while _fdpass.recv_fds(worker.fd, 64) is not None:
         left += 1
@@ -213,7 +219,7 @@ def test_a_second_ready_is_a_protocol_error(harness: Any) -> None:
     h.server.supervisor.by_pid[worker.pid] = worker.life
     worker.life.said_ready = True
     h.from_worker(worker, protocol.Ready(10, 10))
-    h.server._on_channel(worker, IN)
+    h.fleet._on_channel(worker, IN)
     assert h.killed == [worker.pid] and h.dispatcher.targets == []
 
 
@@ -242,7 +248,7 @@ def test_an_exit_not_yet_reapable_is_not_taken_for_exit_code_0(harness: Any) -> 
         del h.server.workers[worker.pid]
         worker.pid = child.pid
         h.server.workers[child.pid] = worker
-        h.server._on_exit(worker)  # waitpid says (0, 0): it is still running
+        h.fleet._on_exit(worker)  # waitpid says (0, 0): it is still running
         assert child.pid in h.server.workers
     finally:
         child.send_signal(signal.SIGKILL)

@@ -1,40 +1,40 @@
 """The primary: starts everything, then reacts to events by driving the pieces.
 
-One thread, one epoll loop (``Reactor``). Registered in it: the listeners
-(user-space modes, handled by the ``Dispatcher``), each worker's control
-channel and pidfd (readable when it exits: no SIGCHLD races), the wakeup pipe
-for signals and control calls, and the health server's sockets. Which workers
-should exist is decided by the pure ``Supervisor``; this module carries out its
-actions and feeds it what happened.
+One thread, one epoll loop (``Reactor``). The pieces it drives:
+
+- ``Endpoints``: listeners, the health endpoint, the pidfile;
+- ``Dispatcher``: the hot path, accepting and passing connections (user-space modes);
+- ``Fleet``: the worker processes, their channels and exits;
+- ``Supervisor``: the pure state machine deciding which workers should exist.
+
+This module starts them, turns control requests (signals, ``stop()``,
+``reload()``, ``scale()``) into supervisor calls, runs the periodic work, and
+carries out the supervisor's actions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import resource
-import socket
 import time
 from typing import Any
 
-from dispatch import control, protocol, supervisor
+from dispatch import control, supervisor
 from dispatch.balance import make_policy
 from dispatch.config import Config
 from dispatch.counters import Counters
 from dispatch.dispatcher import Dispatcher
-from dispatch.lifecycle import IllegalTransition
-from dispatch.listeners import bind, bound_name, remove_unix_path
-from dispatch.pidfile import Pidfile
-from dispatch.processes import WorkerHandle, describe_exit, fork_worker, kill, reap
-from dispatch.reactor import ERR, IN, OUT, FailureLog, Reactor
-from dispatch.systemd import Notifier, listen_sockets
+from dispatch.endpoints import Endpoints
+from dispatch.fleet import Fleet
+from dispatch.limits import raise_fd_limit
+from dispatch.processes import WorkerHandle, kill
+from dispatch.reactor import FailureLog, Reactor
+from dispatch.systemd import Notifier
 
 log = logging.getLogger("dispatch")
 
 _TICK = 0.1  # seconds between supervisor ticks
-# Messages read from one channel per wakeup: a worker flooding its channel must not
-# starve the listeners and the other workers.
-_MESSAGES_PER_PASS = 64
 
 
 class BootError(RuntimeError):
@@ -55,29 +55,36 @@ class Server:
     def __init__(self, handler: Any, **options: Any) -> None:
         self.config = Config(handler, **options)
         self.supervisor = self._new_supervisor()
-        self.listeners: list[socket.socket] = []
         self.workers: dict[int, WorkerHandle] = {}  # by pid
         self.started_at = time.time()
         self.counters = Counters()
-        self.health: Any = None
+        self._endpoints = Endpoints()
         self._failures = FailureLog(log)
         self._reactor: Reactor | None = None
         self._dispatcher: Dispatcher | None = None
+        self._fleet: Fleet | None = None
         self._early_requests: list[control.Request] = []  # made before start()
         self._running = False
         self._exit_code = 0
-        self._last_pid: dict[int, int] = {}
         self._stop_requested = 0
-        self._pidfile: Pidfile | None = None
         self._notifier = Notifier()
         self._announced_ready = False
         self._announced_reloading = False
 
     # ================================================================ what others read
     @property
+    def listeners(self) -> list[Any]:
+        return self._endpoints.listeners
+
+    @property
+    def health(self) -> Any:
+        """The ``HealthServer`` (``health.address``), or None without ``health=``."""
+        return self._endpoints.health
+
+    @property
     def addresses(self) -> list[str]:
-        """The addresses actually bound, in the order given."""
-        return [bound_name(sock) for sock in self.listeners]
+        """The addresses actually bound, in the order given (port 0 resolved)."""
+        return self._endpoints.addresses
 
     @property
     def restarts_by_cause(self) -> dict[str, int]:
@@ -120,26 +127,27 @@ class Server:
             self._start(install_signal_handlers)
         except BaseException:
             self._release()
-            self._reactor = None
-            self._dispatcher = None
-            self.listeners = []
-            self.health = None
-            self._pidfile = None
+            self._reactor = self._dispatcher = self._fleet = None
+            self._endpoints = Endpoints()
             self.supervisor = self._new_supervisor()
             raise
 
     def _start(self, install_signal_handlers: bool) -> None:
         fd_limit_level, fd_limit_note = raise_fd_limit()
-        self._bind()
+        self._endpoints.open(self.config, self)
         self._reactor = reactor = Reactor(self._failures)
         reactor.on_requests(self._on_requests)
         if install_signal_handlers:
-            self.install_signal_handlers()
+            reactor.install_signal_handlers(control.SIGNALS)
+        self._fleet = Fleet(self.config, self.supervisor, reactor, self.workers, self.counters,
+                            self._apply, self._inherited_fds, self.listeners, self._on_ready,
+                            lambda *args: self._run_hook("on_worker_exit", *args))
         if self.config.user_space:
             balance = self.config.balance
             policy = make_policy(balance) if isinstance(balance, str) else balance
             self._dispatcher = Dispatcher(policy, self.workers, reactor, self.counters, self._failures,
                                           self.config.accept_batch, self.config.backlog)
+            self._fleet.dispatcher = self._dispatcher
             for sock in self.listeners:
                 self._dispatcher.add_listener(sock)
             self._dispatcher.update_budget(self._fd_reserve())
@@ -148,7 +156,9 @@ class Server:
         if self.config.preload:
             from dispatch.worker import load_handler
 
-            self.config = _replace_handler(self.config, load_handler(self.config.handler))
+            handler = load_handler(self.config.handler)
+            self.config = dataclasses.replace(self.config, handler=handler, preload=False)
+            self._fleet.config = self.config
         log.info("dispatch primary %d listening on %s (balance=%s, workers=%d)", os.getpid(),
                  ",".join(self.addresses), self._balance_name(), self.config.workers)
         log.log(fd_limit_level, fd_limit_note)  # after binding: a bind error stays one line
@@ -159,26 +169,6 @@ class Server:
             reactor.request(request)
         self._early_requests.clear()
         self._apply(self.supervisor.start(time.monotonic()))
-
-    def _bind(self) -> None:
-        """The listeners (or systemd's), the health endpoint and the pidfile."""
-        reserve = self.config.balance == "reuseport"
-        self.listeners = listen_sockets()
-        if self.listeners and reserve:
-            raise ValueError("balance='reuseport' cannot use sockets passed by systemd")
-        if self.listeners:
-            log.info("using %d listening sockets passed by systemd instead of binding", len(self.listeners))
-        else:
-            for address in self.config.addresses:
-                self.listeners.append(bind(address, self.config.backlog, reserve_only=reserve))
-        if self.config.health_address is not None:
-            from dispatch.health import HealthServer
-
-            self.health = HealthServer(self, self.config.health_address)
-        if self.config.pidfile:
-            pidfile = Pidfile(self.config.pidfile)
-            pidfile.create()
-            self._pidfile = pidfile
 
     def _new_supervisor(self) -> supervisor.Supervisor:
         return supervisor.Supervisor(
@@ -193,6 +183,14 @@ class Server:
             max_requests_jitter=self.config.max_requests_jitter,
             max_memory=self.config.max_memory,
         )
+
+    def _inherited_fds(self) -> list[int]:
+        """The primary's own descriptors a new worker closes at once."""
+        assert self._reactor is not None
+        fds = self._reactor.fds() + self._endpoints.fds() + self._notifier.fds()
+        if self.config.user_space:
+            fds += [s.fileno() for s in self.listeners]
+        return fds
 
     def _balance_name(self) -> str:
         balance = self.config.balance
@@ -260,7 +258,7 @@ class Server:
             closed = dispatcher.close_pending()
             if closed:
                 log.warning("closing %d accepted connections no worker could take", closed)
-        self._close_listeners()
+        self._endpoints.close_listeners()
         self._apply(self.supervisor.shutdown(now, graceful))
 
     # ================================================================ loop
@@ -280,13 +278,17 @@ class Server:
                     next_tick = now + _TICK
                     self._tick(now)
         finally:
-            self._cleanup()
+            self._release()
+            if self._exit_code:
+                log.critical("dispatch primary %d stopped with exit code %d", os.getpid(), self._exit_code)
+            else:
+                log.info("dispatch primary %d stopped", os.getpid())
         return self._exit_code
 
     def _tick(self, now: float) -> None:
         """The periodic work; each step survives the failure of another."""
-        for step in (self._supervise, self._recycle_over_limit, self._announce,
-                     self._tick_health, self._tick_dispatcher):
+        for step in (self._supervise, self._recycle_over_limit, self._announce_reloaded,
+                     self._tick_endpoints):
             try:
                 step(now)
             except Exception:
@@ -296,16 +298,16 @@ class Server:
     def _supervise(self, now: float) -> None:
         self._apply(self.supervisor.tick(now))
 
-    def _announce(self, now: float) -> None:
-        if self._announced_reloading and not self.supervisor.restarting:
-            self._announced_reloading = False
-            self._notify_ready()
+    def _recycle_over_limit(self, now: float) -> None:
+        # On the tick, not while dispatching: a fork there would copy the batch in hand.
+        if self._dispatcher is not None and self._dispatcher.over_limit:
+            over, self._dispatcher.over_limit = self._dispatcher.over_limit, []
+            for worker in over:
+                self._apply(self.supervisor.passed(worker.pid, worker.sent, now))
 
-    def _tick_health(self, now: float) -> None:
+    def _tick_endpoints(self, now: float) -> None:
         if self.health is not None:
             self.health.tick(now)
-
-    def _tick_dispatcher(self, now: float) -> None:
         if self._dispatcher is not None:
             self._dispatcher.tick(now, self._fd_reserve())
 
@@ -313,109 +315,7 @@ class Server:
         """Descriptors kept free for others than connections: health clients."""
         return self.health.max_clients if self.health is not None else 0
 
-    def _recycle_over_limit(self, now: float) -> None:
-        # On the tick, not while dispatching: a fork there would copy the batch in hand.
-        if self._dispatcher is None or not self._dispatcher.over_limit:
-            return
-        over, self._dispatcher.over_limit = self._dispatcher.over_limit, []
-        for worker in over:
-            self._apply(self.supervisor.passed(worker.pid, worker.sent, now))
-
-    # ================================================================ workers
-    def _spawn(self, worker_id: int, replaces: int | None) -> None:
-        """Carry out a ``Spawn``; a fork that fails is a failed boot, never a crash."""
-        assert self._reactor is not None
-        listeners = [] if self.config.user_space else self.listeners
-        try:
-            worker = fork_worker(self.config, worker_id, self._inherited_fds(), listeners)
-        except OSError as exc:
-            self.counters.spawn_errors += 1
-            log.error("worker %d: cannot start a process: %s", worker_id, exc)
-            self._apply(self.supervisor.spawn_failed(worker_id, replaces, time.monotonic(), str(exc)))
-            return
-        self.workers[worker.pid] = worker
-        self._reactor.register(worker.fd, IN, lambda events, w=worker: self._on_channel(w, events))
-        self._reactor.register(worker.pidfd, IN, lambda events, w=worker: self._on_exit(w))
-        worker.life = self.supervisor.spawned(worker_id, worker.pid, time.monotonic(), replaces)
-        worker.request_limit = worker.life.request_limit
-        previous = self._last_pid.get(worker_id)
-        self._last_pid[worker_id] = worker.pid
-        if replaces is not None:
-            log.info("worker %d: started pid %d to take over from pid %d", worker_id, worker.pid, replaces)
-        elif previous is not None and previous not in self.workers:
-            log.info("worker %d: started pid %d, replacing pid %d", worker_id, worker.pid, previous)
-        else:
-            log.info("worker %d: started pid %d", worker_id, worker.pid)
-
-    def _inherited_fds(self) -> list[int]:
-        """Our descriptors a new worker must close at once (a child holding a copy of a
-        connection or a channel would keep it open)."""
-        assert self._reactor is not None
-        fds = self._reactor.fds()
-        for w in self.workers.values():
-            fds += [w.fd, w.worker_end.fileno(), w.pidfd]
-        if self._dispatcher is not None:
-            fds += [s.fileno() for s in self.listeners]
-            fds += self._dispatcher.pending
-        if self.health is not None:
-            fds += self.health.fds()
-        fds += self._notifier.fds()
-        return fds
-
-    def _on_channel(self, worker: WorkerHandle, events: int) -> None:
-        if events & OUT:
-            self._channel_writable(worker)
-        if not events & (IN | ERR):
-            return
-        now = time.monotonic()
-        for _ in range(_MESSAGES_PER_PASS):  # the rest waits for the next pass (level-triggered)
-            if self.workers.get(worker.pid) is not worker:
-                return  # replaced or gone while handling a message
-            try:
-                data = worker.channel.recv(64)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            if not data:
-                return
-            try:
-                message = protocol.decode_from(data, protocol.TO_PRIMARY)
-            except protocol.ProtocolError as exc:
-                self._channel_broken(worker, f"it broke the protocol ({exc})")
-                return
-            self._on_message(worker, message, now)
-
-    def _on_message(self, worker: WorkerHandle, message: protocol.Message, now: float) -> None:
-        if isinstance(message, protocol.Done):
-            self._apply(self.supervisor.heard_from(worker.pid, now))
-            if self._dispatcher is not None:
-                self._dispatcher.on_done(worker, message.count)
-        elif isinstance(message, protocol.Heartbeat):
-            worker.report = message
-            self._apply(self.supervisor.heartbeat(worker.pid, now, message.total, message.rss))
-        elif isinstance(message, protocol.Ready):
-            self._apply(self.supervisor.heard_from(worker.pid, now))
-            try:
-                actions = self.supervisor.ready(worker.pid, now)
-            except IllegalTransition as exc:
-                self._channel_broken(worker, f"it broke the protocol ({exc})")
-                return
-            if worker.state == supervisor.READY:
-                worker.set_capacity(message.capacity, message.max_batch)
-                log.info("worker %d (pid %d) ready", worker.worker_id, worker.pid)
-            self._apply(actions)
-            self._on_ready()
-
-    def _channel_broken(self, worker: WorkerHandle, why: str) -> None:
-        if self._dispatcher is not None:
-            self._dispatcher.channel_broken(worker, why)
-        else:
-            log.error("worker %d (pid %d): %s; replacing it", worker.worker_id, worker.pid, why)
-            assert self._reactor is not None
-            self._reactor.unregister(worker.fd)
-            kill(worker.pid)
-
+    # ================================================================ readiness
     def _on_ready(self) -> None:
         ready = sum(1 for w in self.workers.values() if w.state == supervisor.READY)
         if not self._announced_ready and ready >= self.config.workers:
@@ -426,89 +326,35 @@ class Server:
             if self._dispatcher.pending:
                 self._dispatcher.dispatch_pending()
 
-    def _channel_writable(self, worker: WorkerHandle) -> None:
-        if worker.drain_unsent:
-            assert self._reactor is not None
-            self._reactor.modify(worker.fd, IN)
-            worker.full = False
-            self._send_drain(worker)
-        elif self._dispatcher is not None:
-            self._dispatcher.channel_writable(worker)
+    def _announce_reloaded(self, now: float) -> None:
+        if self._announced_reloading and not self.supervisor.restarting:
+            self._announced_reloading = False
+            self._notify_ready()
 
-    def _on_exit(self, worker: WorkerHandle) -> None:
-        status = reap(worker.pid)
-        if status is None:
-            return  # not reapable yet; the pidfd stays readable and we come back
-        assert self._reactor is not None
-        how = describe_exit(status)
-        self._reactor.unregister(worker.pidfd)
-        self._reactor.unregister(worker.fd)
-        del self.workers[worker.pid]
-        salvaged = self._dispatcher.worker_exited(worker) if self._dispatcher is not None else 0
-        worker.close()
-        expected = self.supervisor.expected_exit(worker.pid, status == 0)
-        level = logging.INFO if expected else logging.WARNING
-        extra = f"; {salvaged} connections it had not read go to other workers" if salvaged else ""
-        log.log(level, "worker %d (pid %d) %s%s", worker.worker_id, worker.pid, how, extra)
-        self._run_hook("on_worker_exit", worker.worker_id, worker.pid, how)
-        self._apply(self.supervisor.exited(worker.pid, time.monotonic(), how, os.WIFSIGNALED(status)))
-        if self._dispatcher is not None and self._dispatcher.pending:
-            self._dispatcher.dispatch_pending()
+    def _notify_ready(self) -> None:
+        ready = sum(1 for w in self.workers.values() if w.state == supervisor.READY)
+        self._notifier.notify(READY=1, STATUS=f"{ready} workers ready, balance={self._balance_name()}")
 
     # ================================================================ actions
     def _apply(self, actions: list[supervisor.Action]) -> None:
+        fleet = self._fleet
         for action in actions:
             if isinstance(action, supervisor.Spawn):
-                if not self.supervisor.stopping:  # a failed spawn before it may have given up
-                    self._spawn(action.worker_id, action.replaces)
+                if fleet is not None and not self.supervisor.stopping:  # a failed spawn may have given up
+                    fleet.spawn(action.worker_id, action.replaces)
             elif isinstance(action, supervisor.Drain):
-                worker = self.workers.get(action.pid)
-                if worker is not None:
-                    if self._dispatcher is not None:
-                        self._dispatcher.rebuild_targets()  # stop sending before asking it to drain
-                    self._send_drain(worker)
+                if fleet is not None:
+                    fleet.drain(action.pid)
             elif isinstance(action, supervisor.Kill):
                 kill(action.pid)
             elif isinstance(action, supervisor.Stall | supervisor.Resume):
-                self._stall_or_resume(action)
+                if fleet is not None:
+                    fleet.stall_or_resume(action)
             elif isinstance(action, supervisor.Log):
                 log.log(action.level, action.message)
             elif isinstance(action, supervisor.Stop):
                 self._running = False
                 self._exit_code = action.code
-
-    def _stall_or_resume(self, action: supervisor.Stall | supervisor.Resume) -> None:
-        """A worker silent for ``stall_after`` gets no new connections, and the ones waiting
-        unread in its channel go to the others, long before ``timeout`` kills it. Its
-        channel is a SEQPACKET socket: each message, with its descriptors, is read whole by
-        one side or the other, so nothing is served twice. When it speaks, it is back."""
-        worker = self.workers.get(action.pid)
-        if worker is None or self._dispatcher is None:
-            return
-        if isinstance(action, supervisor.Stall):
-            self.counters.stalls += 1
-            taken = self._dispatcher.worker_stalled(worker)
-            log.warning("worker %d (pid %d) silent for %.1fs: no new connections until it speaks "
-                        "again; %d connections it had not read go to other workers",
-                        worker.worker_id, worker.pid, action.silent, taken)
-        else:
-            log.info("worker %d (pid %d) speaks again; passing it connections again",
-                     worker.worker_id, worker.pid)
-            self._dispatcher.rebuild_targets()
-        if self._dispatcher.pending:
-            self._dispatcher.dispatch_pending()
-
-    def _send_drain(self, worker: WorkerHandle) -> None:
-        try:
-            worker.channel.send(protocol.encode(protocol.Drain()))
-            worker.drain_unsent = False
-        except BlockingIOError:
-            worker.drain_unsent = True  # sent when the channel has room
-            assert self._reactor is not None
-            self._reactor.modify(worker.fd, IN | OUT)
-        except OSError as exc:
-            log.warning("worker %d (pid %d): cannot send drain: %s", worker.worker_id, worker.pid, exc)
-            kill(worker.pid)
 
     def _run_hook(self, name: str, *args: Any) -> None:
         """A failing hook is logged; it never takes the primary down."""
@@ -519,67 +365,18 @@ class Server:
             except Exception:
                 log.exception("%s hook failed", name)
 
-    def _notify_ready(self) -> None:
-        ready = sum(1 for w in self.workers.values() if w.state == supervisor.READY)
-        self._notifier.notify(READY=1, STATUS=f"{ready} workers ready, balance={self._balance_name()}")
-
     # ================================================================ teardown
-    def _close_listeners(self) -> None:
-        for sock in self.listeners:
-            remove_unix_path(sock)
-            sock.close()
-
-    def _cleanup(self) -> None:
-        self._release()
-        if self._exit_code:
-            log.critical("dispatch primary %d stopped with exit code %d", os.getpid(), self._exit_code)
-        else:
-            log.info("dispatch primary %d stopped", os.getpid())
-
     def _release(self) -> None:
         """Kill and reap every worker, close everything we opened, restore the signals."""
-        for worker in list(self.workers.values()):
-            kill(worker.pid)
-        for worker in list(self.workers.values()):
-            try:
-                os.waitpid(worker.pid, 0)
-            except ChildProcessError:
-                pass
-            worker.close()
-        self.workers.clear()
+        if self._fleet is not None:
+            self._fleet.release()
         if self._dispatcher is not None:
             self._dispatcher.close_pending()
             self._dispatcher.targets = []
-        self._close_listeners()
-        if self.health is not None:
-            self.health.close()
-        if self._pidfile is not None:
-            self._pidfile.remove()
+        self._endpoints.close()
         self._notifier.close()
         if self._reactor is not None:
             self._reactor.close()
-
-
-def raise_fd_limit() -> tuple[int, str]:
-    """Raise the soft RLIMIT_NOFILE to the hard one: every connection is a descriptor,
-    in the primary's table or in flight to a worker. Workers inherit it. Returns the
-    log level and line that say what was done."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard
-    if hard == resource.RLIM_INFINITY:
-        try:
-            with open("/proc/sys/fs/nr_open") as f:
-                target = int(f.read())
-        except (OSError, ValueError):
-            target = 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (OSError, ValueError) as exc:
-            return logging.WARNING, f"RLIMIT_NOFILE: cannot raise the soft limit {soft} to {target}: {exc}"
-        return logging.INFO, f"RLIMIT_NOFILE: raised the soft limit from {soft} to the hard limit {target}"
-    shown = "unlimited" if hard == resource.RLIM_INFINITY else hard
-    return logging.INFO, f"RLIMIT_NOFILE: soft limit {soft}, hard limit {shown}"
 
 
 def _set_process_title(title: str) -> None:
@@ -588,12 +385,3 @@ def _set_process_title(title: str) -> None:
     except ImportError:
         return
     setproctitle(title)
-
-
-def _replace_handler(config: Config, handler: Any) -> Config:
-    import dataclasses
-
-    return dataclasses.replace(config, handler=handler, preload=False)
-
-
-__all__ = ["BootError", "Server", "WorkerHandle", "raise_fd_limit"]
