@@ -130,7 +130,9 @@ class Sticky:
 
 
 #: Balance modes where the primary accepts and passes descriptors.
-USER_MODES = {"round-robin": RoundRobin, "least-connections": LeastConnections, "sticky": Sticky}
+USER_MODES: dict[str, type[RoundRobin] | type[LeastConnections] | type[Sticky]] = {
+    "round-robin": RoundRobin, "least-connections": LeastConnections, "sticky": Sticky,
+}
 #: Balance modes where the kernel picks the worker.
 KERNEL_MODES = ("reuseport", "shared")
 MODES = (*USER_MODES, *KERNEL_MODES)

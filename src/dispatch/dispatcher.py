@@ -49,7 +49,7 @@ class Dispatcher:
         self.failures = failures
         self.backlog = backlog
         self.targets: list[WorkerHandle] = []  # who can take a connection now
-        self.pending = array.array("i")  # accepted or taken back, not yet passed on
+        self.pending: array.array[int] = array.array("i")  # accepted or taken back, not yet passed on
         self.accepting = False
         self.stopping = False  # no more accepting; taken-back connections are closed
         self.outstanding = 0  # passed to workers, not yet reported done
@@ -162,7 +162,7 @@ class Dispatcher:
             self.rebuild_targets()
 
     # ------------------------------------------------------------ passing
-    def dispatch(self, buf: array.array, start: int, count: int) -> tuple[int, int]:
+    def dispatch(self, buf: array.array[int], start: int, count: int) -> tuple[int, int]:
         """Pass ``buf[start:start+count]`` to workers; returns what is left (start, count)."""
         if self.policy.per_connection:
             return self._dispatch_each(buf, start, count)
@@ -213,7 +213,7 @@ class Dispatcher:
                 break  # nothing changed and nothing is left to try this time
         return start, count
 
-    def _dispatch_each(self, buf: array.array, start: int, count: int) -> tuple[int, int]:
+    def _dispatch_each(self, buf: array.array[int], start: int, count: int) -> tuple[int, int]:
         """The per-connection path: the policy sees each client's address."""
         while count and self.targets:
             if self.outstanding >= self.budget:

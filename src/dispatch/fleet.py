@@ -8,6 +8,7 @@ fleet feeds them to it and hands the resulting actions to ``apply``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -63,8 +64,8 @@ class Fleet:
             self._apply(self.supervisor.spawn_failed(worker_id, replaces, time.monotonic(), str(exc)))
             return
         self.workers[worker.pid] = worker
-        self.reactor.register(worker.fd, IN, lambda events, w=worker: self._on_channel(w, events))
-        self.reactor.register(worker.pidfd, IN, lambda events, w=worker: self._on_exit(w))
+        self.reactor.register(worker.fd, IN, functools.partial(self._on_channel, worker))
+        self.reactor.register(worker.pidfd, IN, functools.partial(self._on_exit, worker))
         worker.life = self.supervisor.spawned(worker_id, worker.pid, time.monotonic(), replaces)
         worker.request_limit = worker.life.request_limit
         previous = self._last_pid.get(worker_id)
@@ -189,7 +190,7 @@ class Fleet:
         elif self.dispatcher is not None:
             self.dispatcher.channel_writable(worker)
 
-    def _on_exit(self, worker: WorkerHandle) -> None:
+    def _on_exit(self, worker: WorkerHandle, events: int = 0) -> None:
         status = reap(worker.pid)
         if status is None:
             return  # not reapable yet; the pidfd stays readable and we come back

@@ -311,7 +311,8 @@ class Supervisor:
             new_ids = [i for i in range(self.workers) if i not in self._live_ids()]
             for i in new_ids:
                 self.slots.setdefault(i, Slot())
-            return [Log(logging.INFO, f"scaling up to {self.workers} workers")] + [Spawn(i) for i in new_ids]
+            spawns: list[Action] = [Spawn(i) for i in new_ids]
+            return [Log(logging.INFO, f"scaling up to {self.workers} workers"), *spawns]
         if delta == 0:
             return []
         if self.workers <= 1:
