@@ -98,8 +98,11 @@ class Server:
 
     @property
     def accepting(self) -> bool:
-        """True while the primary accepts new connections (user-space modes)."""
-        return self._dispatcher.accepting if self._dispatcher else False
+        """True while new connections are taken off the listeners: by the primary in the
+        user-space modes, by the workers themselves in the kernel modes (until shutdown)."""
+        if self._dispatcher is not None:
+            return self._dispatcher.accepting
+        return self._reactor is not None and not self.supervisor.stopping
 
     @property
     def pending_count(self) -> int:
