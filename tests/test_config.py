@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import pickle
 import socket
+import ssl
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatch.balance import LeastConnections
+from dispatch.balance import LeastConnections, RoundRobin, Sticky
 from dispatch.config import Address, Config
 
 
@@ -141,6 +145,14 @@ def test_handler_must_be_callable() -> None:
         ("log_level", "loud", ValueError, "log_level must be one of debug, info"),
         ("log_level", 10, ValueError, "log_level must be one of"),
         ("preload", True, ValueError, "preload applies to an import-string handler"),
+        ("preload", 1, TypeError, "preload must be True or False, not int"),
+        ("server_speaks_first", "yes", TypeError, "server_speaks_first must be True or False"),
+        ("client_timeout", float("inf"), ValueError, "client_timeout must be a finite number"),
+        ("pidfile", 3, TypeError, "pidfile must be a path, not int"),
+        ("ssl", "cert.pem", TypeError, "ssl must be an ssl.SSLContext, not str"),
+        ("on_reload", "reload", TypeError, "on_reload must be callable, not str"),
+        ("user", 1.5, TypeError, "user must be a name or uid, not float"),
+        ("group", "no-such-group-here", ValueError, "group 'no-such-group-here' does not exist"),
     ],
 )
 def test_validation_errors_name_the_option(option: str, value: Any, error: type, message: str) -> None:
@@ -174,3 +186,48 @@ def test_health_port_alone_means_loopback() -> None:
     for text in ("9000", ":9000"):
         address = Config(print, health=text).health_address
         assert (address.host, address.port) == ("127.0.0.1", 9000)
+
+
+# -------------------------------------------------------- balance, decided once
+@pytest.mark.parametrize(
+    "balance, policy_type, needs_loads",
+    [("round-robin", RoundRobin, False), ("least-connections", LeastConnections, True),
+     ("sticky", Sticky, True), ("reuseport", type(None), False), ("shared", type(None), False)],
+)
+def test_balance_mode_becomes_a_policy(balance: str, policy_type: type, needs_loads: bool) -> None:
+    config = Config(handler, balance=balance)
+    assert type(config.policy) is policy_type
+    assert config.needs_loads is needs_loads
+    assert config.user_space is (config.policy is not None)
+    assert config.balance == balance  # what was asked for stays readable (logs, /cluster-health)
+
+
+def test_each_config_gets_its_own_policy_but_keeps_the_users() -> None:
+    assert Config(handler).policy is not Config(handler).policy  # policies carry state
+    mine = LeastConnections()
+    config = Config(handler, balance=mine)
+    assert config.policy is mine and config.needs_loads
+
+
+def test_replace_copy_and_pickle_keep_a_valid_config() -> None:
+    config = Config("tests.apps:echo", bind=["127.0.0.1:0", "unix:/tmp/x.sock"], health="9000",
+                    balance="least-connections", timeout=8, user=0)
+    replaced = dataclasses.replace(config, handler=handler, preload=False)
+    assert replaced.addresses == config.addresses and replaced.uid == 0 and replaced.gid == 0
+    assert isinstance(replaced.policy, LeastConnections) and replaced.policy is not config.policy
+    for twin in (copy.copy(config), copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert twin == config
+        assert twin.addresses == config.addresses and twin.health_address == config.health_address
+        assert isinstance(twin.policy, LeastConnections) and twin.needs_loads
+        assert twin.stall_after == config.stall_after == 2.5
+
+
+def test_config_is_frozen() -> None:
+    config = Config(handler)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.workers = 3  # type: ignore[misc]
+
+
+def test_ssl_context_is_accepted() -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    assert Config(handler, ssl=context).ssl is context

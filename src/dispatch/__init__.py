@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from dispatch.balance import ConnectionPolicy, LeastConnections, Policy, RoundRobin, Sticky
 from dispatch.config import Address, Config, Handler
 from dispatch.listeners import BindError
+from dispatch.options import Options
 from dispatch.pidfile import PidfileError
 from dispatch.primary import BootError, Server
 from dispatch.protocol import ProtocolError
 from dispatch.worker import AsyncioProtocol
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is 3.11+; only type checkers need it
 
 __version__ = "0.1.0"
 
@@ -49,8 +53,8 @@ def configure_logging(level: str = "info") -> None:
         logger.addHandler(handler)
 
 
-def serve(handler: Handler, **options: Any) -> None:
-    """Serve ``handler`` on every core until SIGTERM/SIGINT; see ``Config`` for options.
+def serve(handler: Handler, **options: Unpack[Options]) -> None:
+    """Serve ``handler`` on every core until SIGTERM/SIGINT; the options are ``Options``.
 
     ``handler`` is ``handler(conn, addr)`` (run in a thread pool of ``threads``
     per worker), ``async handler(reader, writer)`` (run on the worker's event
