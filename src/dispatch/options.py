@@ -250,8 +250,8 @@ def format_value(value: object) -> str:
     return str(value)
 
 
-def _hook(name: str, help: str) -> Option:
-    return Option(name, None, _callable, help, cli=None)
+def _hook(name: str, text: str) -> Option:
+    return Option(name, None, _callable, text, cli=None)
 
 
 OPTIONS: tuple[Option, ...] = (
