@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 
 from dispatch.balance import ConnectionPolicy, LeastConnections, Policy, RoundRobin, Sticky
 from dispatch.config import Address, Config, Handler
+from dispatch.handlers import AsyncioProtocol
 from dispatch.listeners import BindError
 from dispatch.options import Options
 from dispatch.pidfile import PidfileError
 from dispatch.primary import BootError, Server
 from dispatch.protocol import ProtocolError
-from dispatch.worker import AsyncioProtocol
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack is 3.11+; only type checkers need it

@@ -1,0 +1,132 @@
+"""How a worker serves a connection once it has its descriptor.
+
+One runner per worker, chosen once at boot by ``dispatch.handlers.runner_for``:
+
+- ``threads.ThreadRunner``: plain ``handler(conn, addr)`` in a thread pool;
+- ``streams.StreamRunner``: ``async handler(reader, writer)`` on the loop;
+- ``protocols.ProtocolRunner``: an ``asyncio.Protocol`` factory on the loop.
+
+They share one small interface (``Runner``): a source calls ``start(fd)`` for
+each connection while ``room()`` is positive, and the runner calls the
+``done`` callback it was built with once per finished connection. The worker
+turns those calls into credits for the primary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from dispatch import _fdpass
+from dispatch.config import Config
+
+# Every worker-side module logs as "dispatch.worker": the README documents that name.
+log = logging.getLogger("dispatch.worker")
+
+#: Called once per finished connection, on the loop.
+Done = Callable[[], None]
+
+
+class Runner(Protocol):
+    """Serves connections with the user's handler.
+
+    ``active`` counts the connections in hand (started and not yet done,
+    whatever stage they are at).
+    """
+
+    active: int
+
+    def limits(self, headroom: int) -> tuple[int, int]:
+        """Fix the most connections held at once within ``headroom`` descriptors.
+
+        Returns ``(capacity, max_batch)`` for the worker's ``Ready`` message.
+        Called once, before the first ``start``.
+        """
+        ...
+
+    def start(self, fd: int) -> None:
+        """Take ownership of connection ``fd``; ``done`` is called when it is over."""
+        ...
+
+    def room(self) -> int:
+        """How many more connections this runner can start now."""
+        ...
+
+    def close(self) -> None:
+        """Stop whatever the runner owns (threads); the worker is exiting."""
+        ...
+
+
+class RunnerFactory(Protocol):
+    """A runner class: ``(loop, handler, config, worker_id, done) -> Runner``."""
+
+    def __call__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        handler: Callable[..., Any],
+        config: Config,
+        worker_id: int,
+        done: Done,
+    ) -> Runner: ...
+
+
+class LoopRunner:
+    """Base of the runners whose connections are tasks on the worker's loop.
+
+    Each connection is one task; the runner holds at most ``max_connections``
+    of them (0: as many as the descriptor table allows).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        handler: Callable[..., Any],
+        config: Config,
+        worker_id: int,
+        done: Done,
+    ) -> None:
+        self.active = 0
+        self.capacity = 0
+        self._loop = loop
+        self._handler = handler
+        self._worker_id = worker_id
+        self._done = done
+        self._ssl = config.ssl
+        self._max_connections = config.max_connections
+        # The loop keeps only weak references to tasks: hold them until they end.
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._forget = self._tasks.discard
+
+    def limits(self, headroom: int) -> tuple[int, int]:
+        self.capacity = min(self._max_connections or headroom, headroom)
+        return self.capacity, min(self.capacity, _fdpass.SCM_MAX_FD)
+
+    def room(self) -> int:
+        return self.capacity - self.active
+
+    def start(self, fd: int) -> None:
+        self.active += 1
+        task = self._loop.create_task(self._serve(fd))
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+
+    def close(self) -> None:
+        """Nothing to stop: the loop's end cancels the tasks."""
+
+    def _serve(self, fd: int) -> Coroutine[Any, Any, None]:
+        """Serve connection ``fd``; at its end, ``active -= 1`` and call ``_done``.
+
+        (Inline, not a helper: one call less per connection on the hot path.)
+        """
+        raise NotImplementedError
+
+
+def peer(sock: socket.socket) -> Any:
+    """The peer's address, or None (a unix socket without a name, or already reset)."""
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
