@@ -101,13 +101,16 @@ class LoopRunner:
         self._forget = self._tasks.discard
 
     def limits(self, headroom: int) -> tuple[int, int]:
+        """``max_connections`` within ``headroom``; batches as large as that (up to SCM_MAX_FD)."""
         self.capacity = min(self._max_connections or headroom, headroom)
         return self.capacity, min(self.capacity, _fdpass.SCM_MAX_FD)
 
     def room(self) -> int:
+        """Capacity not yet taken: every connection in hand counts, whatever it is doing."""
         return self.capacity - self.active
 
     def start(self, fd: int) -> None:
+        """Serve ``fd`` in a task of its own, at once."""
         self.active += 1
         task = self._loop.create_task(self._serve(fd))
         self._tasks.add(task)

@@ -67,11 +67,13 @@ class ThreadRunner:
         return capacity, max(1, min(threads, _fdpass.SCM_MAX_FD))
 
     def room(self) -> int:
-        """Free threads, and, while connections wait for bytes, free places in the idle pool."""
+        """Threads not taken (queued connections will take some), and no more than the
+        idle pool's free places: any connection started may have to wait for bytes."""
         free_threads = self._threads - self._running - len(self._queued)
         return min(free_threads, self._idle_pool - len(self._waiting)) if self._idle_pool else free_threads
 
     def start(self, fd: int) -> None:
+        """To a thread if it has bytes already (or the wait is off), else wait on the loop."""
         self.active += 1
         conn = socket.socket(fileno=fd)
         if self.await_first_bytes and not _has_input(conn):
