@@ -18,19 +18,22 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dispatch import control, supervisor
-from dispatch.balance import make_policy
-from dispatch.config import Config
+from dispatch.config import Config, Handler
 from dispatch.counters import Counters
 from dispatch.dispatcher import Dispatcher
 from dispatch.endpoints import Endpoints
 from dispatch.fleet import Fleet
 from dispatch.limits import raise_fd_limit
+from dispatch.options import Options
 from dispatch.processes import WorkerHandle, kill
 from dispatch.reactor import FailureLog, Reactor
 from dispatch.systemd import Notifier
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger("dispatch")
 
@@ -52,7 +55,7 @@ class Server:
     until ``stop()``, a signal, or a boot failure; it returns the exit code.
     """
 
-    def __init__(self, handler: Any, **options: Any) -> None:
+    def __init__(self, handler: Handler, **options: Unpack[Options]) -> None:
         self.config = Config(handler, **options)
         self.supervisor = self._new_supervisor()
         self.workers: dict[int, WorkerHandle] = {}  # by pid
@@ -145,10 +148,8 @@ class Server:
         self._fleet = Fleet(self.config, self.supervisor, reactor, self.workers, self.counters,
                             self._apply, self._inherited_fds, self.listeners, self._on_ready,
                             lambda *args: self._run_hook("on_worker_exit", *args))
-        if self.config.user_space:
-            balance = self.config.balance
-            policy = make_policy(balance) if isinstance(balance, str) else balance
-            self._dispatcher = Dispatcher(policy, self.workers, reactor, self.counters, self._failures,
+        if self.config.policy is not None:  # a user-space mode
+            self._dispatcher = Dispatcher(self.config.policy, self.workers, reactor, self.counters, self._failures,
                                           self.config.accept_batch, self.config.backlog)
             self._fleet.dispatcher = self._dispatcher
             for sock in self.listeners:
