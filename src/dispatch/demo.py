@@ -149,7 +149,7 @@ def sync_app(conn: socket.socket, addr: Any) -> None:
 
 
 def _make_app() -> object:
-    from dispatch.worker import AsyncioProtocol
+    from dispatch.handlers import AsyncioProtocol
 
     return AsyncioProtocol(HttpProtocol)
 

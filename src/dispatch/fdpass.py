@@ -28,7 +28,7 @@ def _fileno(sock: socket.socket | int) -> int:
 
 def send_fds(
     sock: socket.socket | int,
-    fds: Iterable[int] | array.array,
+    fds: Iterable[int] | array.array[int],
     data: bytes = b"\0",
     *,
     flags: int = 0,

@@ -7,6 +7,7 @@ import errno
 import os
 import socket
 import stat
+from typing import Any
 
 from dispatch.config import Address
 
@@ -27,7 +28,7 @@ def bind(address: Address, backlog: int, reserve_only: bool = False) -> socket.s
         if address.family == socket.AF_UNIX:
             _remove_stale_unix_socket(address.host)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: object = address.host
+            target: str | tuple[Any, ...] = address.host
         else:
             family, target = _resolve(address)
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -69,7 +70,7 @@ def remove_unix_path(sock: socket.socket) -> None:
         os.unlink(sock.getsockname())
 
 
-def _resolve(address: Address) -> tuple[int, tuple]:
+def _resolve(address: Address) -> tuple[int, tuple[Any, ...]]:
     try:
         infos = socket.getaddrinfo(
             address.host, address.port, address.family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE

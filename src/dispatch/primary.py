@@ -158,7 +158,7 @@ class Server:
         if self.health is not None:
             self.health.attach(reactor.register, reactor.unregister)
         if self.config.preload:
-            from dispatch.worker import load_handler
+            from dispatch.handlers import load_handler
 
             handler = load_handler(self.config.handler)
             self.config = dataclasses.replace(self.config, handler=handler, preload=False)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dispatch import _fdpass, protocol
 from dispatch.config import Config
 from dispatch.lifecycle import Phase, WorkerState
-from dispatch.worker import worker_main
+from dispatch.worker_boot import worker_main
 
 log = logging.getLogger("dispatch")
 

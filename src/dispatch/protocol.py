@@ -98,7 +98,7 @@ class Done:
 
 Message = Fds | Drain | Ready | Heartbeat | Done
 
-_TYPES: dict[int, type] = {cls.TYPE: cls for cls in (Fds, Drain, Ready, Heartbeat, Done)}
+_TYPES: dict[int, type[Message]] = {cls.TYPE: cls for cls in (Fds, Drain, Ready, Heartbeat, Done)}
 _HEADER = struct.Struct("!BB")
 
 #: What each side may legitimately receive.
@@ -131,7 +131,8 @@ def decode(datagram: bytes) -> Message:
     body = datagram[_HEADER.size :]
     if len(body) != cls.BODY.size:
         raise ProtocolError(f"{cls.__name__} body is {len(body)} bytes, expected {cls.BODY.size}")
-    return cls(*cls.BODY.unpack(body))
+    message: Message = cls(*cls.BODY.unpack(body))
+    return message
 
 
 def decode_from(datagram: bytes, allowed: tuple[type, ...]) -> Message:

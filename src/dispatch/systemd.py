@@ -89,7 +89,7 @@ def _listener_problem(fd: int) -> str:
 
 def _name(enum: type, value: int) -> str:
     try:
-        return enum(value).name
+        return str(enum(value).name)
     except ValueError:
         return str(value)
 
