@@ -22,7 +22,7 @@ const workers = Number(process.argv[3] || 2);
 if (cluster.isPrimary) {
   for (let i = 0; i < workers; i++) cluster.fork();
   // Replace a worker that dies (Node does not by itself), as dispatch does;
-  // benchmarks/failures.py kills workers under load.
+  // python -m benchmarks failures kills workers under load.
   let stopping = false;
   cluster.on('exit', () => { if (!stopping) cluster.fork(); });
   const stop = () => {

@@ -1,6 +1,6 @@
-"""Handlers, policies and a server runner for benchmarks/abuse.py.
+"""Handlers, policies and a server runner for the abuse attacks (``python -m benchmarks abuse``).
 
-    python benchmarks/abuse_apps.py '{"handler": "dispatch.demo:sync_app", "workers": 2}'
+    python benchmarks/targets/abuse_apps.py '{"handler": "dispatch.demo:sync_app", "workers": 2}'
 
 runs a dispatch ``Server`` with the options in the JSON (plus ``"policy"``: the
 name of one of the broken policies below, passed as ``balance``) and prints one
