@@ -30,7 +30,7 @@ from dispatch.limits import raise_fd_limit
 from dispatch.options import Options
 from dispatch.processes import WorkerHandle, kill
 from dispatch.reactor import FailureLog, Reactor
-from dispatch.systemd import Notifier
+from dispatch.systemd import Notifier, Readiness
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -71,8 +71,7 @@ class Server:
         self._exit_code = 0
         self._stop_requested = 0
         self._notifier = Notifier()
-        self._announced_ready = False
-        self._announced_reloading = False
+        self._readiness = Readiness(self._notifier, self._balance_name())
 
     # ================================================================ what others read
     @property
@@ -246,8 +245,7 @@ class Server:
             elif isinstance(request, control.Reload):
                 self._run_hook("on_reload", self)
                 if not self.supervisor.restarting:
-                    self._notifier.reloading()
-                    self._announced_reloading = True
+                    self._readiness.reload_started()
                 self._apply(self.supervisor.reload(now))
             elif isinstance(request, control.Scale):
                 self._apply(self.supervisor.scale(request.delta, now))
@@ -291,8 +289,7 @@ class Server:
 
     def _tick(self, now: float) -> None:
         """The periodic work; each step survives the failure of another."""
-        for step in (self._supervise, self._recycle_over_limit, self._announce_reloaded,
-                     self._tick_endpoints):
+        for step in (self._supervise, self._recycle_over_limit, self._tick_endpoints):
             try:
                 step(now)
             except Exception:
@@ -301,6 +298,7 @@ class Server:
 
     def _supervise(self, now: float) -> None:
         self._apply(self.supervisor.tick(now))
+        self._readiness.tick(self.supervisor.restarting, self._ready_count())
 
     def _recycle_over_limit(self, now: float) -> None:
         # On the tick, not while dispatching: a fork there would copy the batch in hand.
@@ -321,23 +319,14 @@ class Server:
 
     # ================================================================ readiness
     def _on_ready(self) -> None:
-        ready = sum(1 for w in self.workers.values() if w.state == supervisor.READY)
-        if not self._announced_ready and ready >= self.config.workers:
-            self._announced_ready = True
-            self._notify_ready()
+        self._readiness.workers_ready(self._ready_count(), self.config.workers)
         if self._dispatcher is not None:
             self._dispatcher.rebuild_targets()
             if self._dispatcher.pending:
                 self._dispatcher.dispatch_pending()
 
-    def _announce_reloaded(self, now: float) -> None:
-        if self._announced_reloading and not self.supervisor.restarting:
-            self._announced_reloading = False
-            self._notify_ready()
-
-    def _notify_ready(self) -> None:
-        ready = sum(1 for w in self.workers.values() if w.state == supervisor.READY)
-        self._notifier.notify(READY=1, STATUS=f"{ready} workers ready, balance={self._balance_name()}")
+    def _ready_count(self) -> int:
+        return sum(1 for w in self.workers.values() if w.state == supervisor.READY)
 
     # ================================================================ actions
     def _apply(self, actions: list[supervisor.Action]) -> None:

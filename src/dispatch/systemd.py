@@ -132,3 +132,31 @@ class Notifier:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
+
+
+class Readiness:
+    """Tells the service manager when the server is ready: once every worker first is,
+    ``RELOADING=1`` when a rolling restart starts, and ``READY=1`` again when it ends."""
+
+    def __init__(self, notifier: Notifier, balance: str) -> None:
+        self._notifier = notifier
+        self._balance = balance
+        self._announced_ready = False
+        self._reloading = False
+
+    def workers_ready(self, ready: int, wanted: int) -> None:
+        if not self._announced_ready and ready >= wanted:
+            self._announced_ready = True
+            self._ready(ready)
+
+    def reload_started(self) -> None:
+        self._notifier.reloading()
+        self._reloading = True
+
+    def tick(self, restarting: bool, ready: int) -> None:
+        if self._reloading and not restarting:
+            self._reloading = False
+            self._ready(ready)
+
+    def _ready(self, ready: int) -> None:
+        self._notifier.notify(READY=1, STATUS=f"{ready} workers ready, balance={self._balance}")
