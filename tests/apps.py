@@ -1,13 +1,45 @@
-"""Handlers the integration tests serve. Each answers with the pid that handled it."""
+"""Handlers the integration tests serve. Each answers with the pid that handled it.
+
+A request for ``/sleep/MS`` sleeps MS milliseconds before answering, and reports
+``handling`` when it starts and ``handled`` when it is done (answered or not) on the
+test's event stream: the file named by ``$DISPATCH_TEST_EVENTS`` (tests/helpers.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
+import threading
 import time
 from typing import Any
+
+_events_lock = threading.Lock()
+_events: tuple[int, int] | None = None  # (pid, fd): a forked child opens its own
+
+
+def emit(event: str, **fields: Any) -> None:
+    """Append one JSON line to the test's event stream, if there is one."""
+    global _events
+    path = os.environ.get("DISPATCH_TEST_EVENTS")
+    if not path:
+        return
+    record = {"event": event, "pid": os.getpid(), "t": time.monotonic(), **fields}
+    line = ("{" + ", ".join(f"{_json(k)}: {_json(v)}" for k, v in record.items()) + "}\n").encode()
+    with _events_lock:
+        if _events is None or _events[0] != os.getpid():
+            # No O_CREAT: the test created the file, world-writable, for workers that run
+            # as another user (O_CREAT on another user's file in sticky /tmp is refused).
+            _events = (os.getpid(), os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
+        os.write(_events[1], line)  # one write per line: O_APPEND keeps lines whole
+
+
+def _json(value: Any) -> str:
+    """JSON for a str, int or float. Not the json module: a worker that dropped root to
+    a user who cannot read the standard library can import only what is loaded."""
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
 
 
 def _response(body: str) -> bytes:
@@ -25,28 +57,46 @@ def _read_head(conn: socket.socket) -> bytes:
     return head
 
 
-def _delay(head: bytes) -> float:
-    # "GET /sleep/1500 ..." sleeps 1.5 s before answering, and says so in the log.
-    parts = head.split(b" ")
+def _sleep_path(head: bytes) -> str | None:
+    """The path of a ``GET /sleep/MS`` request, else None."""
+    parts = head.split(b" ", 2)
     if len(parts) > 1 and parts[1].startswith(b"/sleep/"):
-        delay = int(parts[1][len(b"/sleep/") :]) / 1000
-        if delay >= 0.5:
-            logging.getLogger("dispatch.tests").info("pid %d sleeping %.1fs", os.getpid(), delay)
-        return delay
-    return 0.0
+        return parts[1].decode("latin-1")
+    return None
+
+
+def _start(head: bytes) -> float:
+    """Seconds to sleep before answering; a ``/sleep/MS`` request says it started."""
+    path = _sleep_path(head)
+    if path is None:
+        return 0.0
+    emit("handling", path=path)
+    return int(path[len("/sleep/"):]) / 1000
+
+
+def _finish(head: bytes) -> None:
+    path = _sleep_path(head)
+    if path is not None:
+        emit("handled", path=path)
 
 
 def pid_app(conn: socket.socket, addr: Any) -> None:
     head = _read_head(conn)
-    time.sleep(_delay(head))
-    conn.sendall(_response(f"pid {os.getpid()}"))
+    try:
+        time.sleep(_start(head))
+        conn.sendall(_response(f"pid {os.getpid()}"))
+    finally:
+        _finish(head)
 
 
 async def async_pid_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     head = await reader.readuntil(b"\r\n\r\n")
-    await asyncio.sleep(_delay(head))
-    writer.write(_response(f"pid {os.getpid()} async"))
-    await writer.drain()
+    try:
+        await asyncio.sleep(_start(head))
+        writer.write(_response(f"pid {os.getpid()} async"))
+        await writer.drain()
+    finally:
+        _finish(head)
 
 
 def raising_app(conn: socket.socket, addr: Any) -> None:
@@ -111,14 +161,16 @@ async def concurrency_app(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     """Answers with how many connections this worker was serving at once, itself included."""
     global _active
     _active += 1
+    head = b""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
         seen = _active
-        await asyncio.sleep(_delay(head))
+        await asyncio.sleep(_start(head))
         writer.write(_response(f"pid {os.getpid()} active {seen}"))
         await writer.drain()
     finally:
         _active -= 1
+        _finish(head)
 
 
 def greeting_app(conn: socket.socket, addr: Any) -> None:

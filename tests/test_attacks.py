@@ -78,8 +78,12 @@ def test_idle_connections_past_the_fd_limit_do_not_crash_a_non_root_primary() ->
         baseline = fd_count(server.pid)
         idle = _open_idle(server.address, 1800)
         try:
-            time.sleep(2)
-            assert pid_alive(server.pid), server.log()
+            # The idle clients fill the descriptors the primary may have in flight, and it
+            # stops accepting (before, it crashed 0.16 s into this)...
+            wait_for(lambda: server.metrics()["dispatch_inflight_full_total"] >= 1, 10,
+                     what="the in-flight budget to be spent")
+            # ...and goes on: it answers, with every worker it had.
+            assert server.cluster_health()["primary_pid"] == server.pid
             assert sorted(server.workers()) == sorted(workers), "no worker may be replaced"
         finally:
             _close_all(idle)
@@ -113,15 +117,17 @@ def test_a_worker_under_a_low_fd_limit_loses_no_connection_in_transit() -> None:
     # connections. It advertises what its table can hold, and the primary sends no more.
     wrapper = ["prlimit", "--nofile=160:160"]
     count = 300
-    with ServerProcess("tests.apps:async_pid_app", workers=1, wrapper=wrapper) as server:
-        server.wait_ready(1)
+    # No health server: the descriptors it keeps for its clients would shrink the
+    # primary's in-flight budget, which is small under this limit.
+    with ServerProcess("tests.apps:async_pid_app", workers=1, wrapper=wrapper, health=None) as server:
+        (worker,) = server.wait_ready(1)
         results: list[str] = []
         lock = threading.Lock()
 
         def client() -> None:
             try:
                 body = request(server.address, "/sleep/300", timeout=30)
-                outcome = "ok" if "async" in body else body
+                outcome = "ok" if body == f"pid {worker} async" else body
             except OSError as exc:
                 outcome = repr(exc)
             with lock:
@@ -132,9 +138,11 @@ def test_a_worker_under_a_low_fd_limit_loses_no_connection_in_transit() -> None:
             thread.start()
         for thread in threads:
             thread.join(60)
+        # A descriptor dropped in transit would be a connection lost: every one is
+        # answered, by the one worker, never replaced.
         failures = [r for r in results if r != "ok"]
         assert len(results) == count and not failures, failures[:5]
-        assert "dropped in transit" not in server.log()
+        assert server.workers() == [worker] and server.exits() == {}
 
 
 def test_idle_clients_do_not_take_every_handler_thread() -> None:
@@ -163,11 +171,13 @@ def test_a_stalled_client_frees_its_thread() -> None:
     # It sent half a request and stopped: the handler's recv times out after
     # client_timeout instead of holding the only thread forever.
     with ServerProcess("tests.apps:pid_app", workers=1, threads=1, client_timeout=1) as server:
-        server.wait_ready(1)
+        (worker,) = server.wait_ready(1)
         with connect(server.address) as stalled:
             stalled.sendall(b"GET / HTTP/1.0\r\n")
-            time.sleep(0.2)
-            assert answering_pid(request(server.address, timeout=6))
+            # The worker has it (and, with bytes in, gives it the thread) before the next.
+            wait_for(lambda: server.worker_health(worker)["connections_total"] >= 1,
+                     what="the stalled connection passed to the worker")
+            assert answering_pid(request(server.address, timeout=6)) == worker
 
 
 def test_server_speaks_first_hands_over_silent_connections() -> None:
@@ -192,14 +202,15 @@ def test_failed_forks_do_not_take_the_primary_down() -> None:
         workers = sorted(server.wait_ready(2))
         server.signal(signal.SIGUSR2)
         server.signal(signal.SIGTTIN)
-        wait_for(lambda: server.log().count("cannot start a process") >= 2, 10,
+        server.wait_notified("RELOADING")
+        server.wait_notified("READY", 2)  # the rolling restart is over...
+        wait_for(lambda: server.metrics()["dispatch_spawn_errors_total"] >= 2, 10,
                  what="two failed forks")
-        time.sleep(0.5)
         assert pid_alive(server.pid), server.log()
-        assert sorted(server.workers()) == workers  # the old workers keep serving
+        assert sorted(server.workers()) == workers  # ...aborted: the old workers keep serving
         pids = {answering_pid(request(server.address)) for _ in range(6)}
         assert pids <= set(workers) and pids
-        assert "rolling restart aborted" in server.log()
+        assert server.exits() == {}
 
 
 def test_a_buggy_per_connection_policy_falls_back_to_round_robin() -> None:
@@ -207,7 +218,9 @@ def test_a_buggy_per_connection_policy_falls_back_to_round_robin() -> None:
         workers = server.wait_ready(2)
         pids = [answering_pid(request(server.address)) for _ in range(6)]
         assert set(pids) == set(workers)
-        assert server.log().count("chose 7 among 2 workers") == 1  # once, not per connection
+        # Kept on the log: that a policy bug is logged once, not per connection, is the
+        # behaviour under test.
+        assert server.log().count("chose 7 among 2 workers") == 1
 
 
 def test_a_buggy_batch_policy_falls_back_to_round_robin() -> None:
@@ -226,7 +239,15 @@ def test_client_resets_are_not_errors() -> None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 sock.sendall(b"GET /sleep/20 HTTP/1.0\r\n\r\n")
         assert answering_pid(request(server.address))
-        time.sleep(0.5)
+
+        def all_done() -> bool:  # every connection passed on and reported finished
+            samples = server.metrics()
+            return (samples["dispatch_connections_dispatched_total"] >= 101
+                    and samples["dispatch_connections_in_flight"] == 0)
+
+        wait_for(all_done, what="every connection handled")
+        # Kept on the log: "a client that goes away is a debug line, not an error" is a
+        # statement about the log.
         errors = re.findall(r" ERROR ", server.log())
         assert not errors, server.log()[-2000:]
 

@@ -151,7 +151,7 @@ def test_workers_running_as_a_user_die_with_a_killed_primary(balance: str) -> No
             # A busy worker outlives its closed channel until the request is done: only
             # the parent-death signal ends it at once.
             with _busy(server.address, 2):
-                wait_for(lambda: " sleeping 60.0s" in server.log(), what="a busy worker")
+                server.wait_events("handling")  # a busy worker
                 assert sorted(children(server.pid)) == sorted(workers)
                 server.signal(signal.SIGKILL)
                 wait_for(lambda: not any(pid_alive(pid) for pid in workers), timeout=3,

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 
-from tests.helpers import ROOT, Load, ServerProcess, pid_alive, request, wait_for
+from tests.helpers import ROOT, Load, ServerProcess, answering_pid, pid_alive, request, wait_for
+
+KILLED = "was killed by signal 9 (SIGKILL)"
+DRAINED = "exited with code 0"
 
 
-def _salvaged(log: str) -> int:
-    return sum(int(n) for n in re.findall(r"; (\d+) connections it had not read", log))
+def _salvaged(server: ServerProcess) -> float:
+    """Connections taken back from dead or stalled workers and passed to others."""
+    return server.metrics()["dispatch_connections_salvaged_total"]
 
 
 def test_killed_worker_loses_only_what_it_was_handling() -> None:
     # Two workers with one thread each and a 40 ms handler under 16 clients: most
     # connections wait in the workers' channels, where a dead worker leaves them.
     kills = 5
+    victims = []
     with ServerProcess(workers=2, threads=1) as server:
         server.wait_ready(2)
         load = Load(server.address, clients=16, path="/sleep/40", max_requests=5000, max_seconds=60)
@@ -27,22 +31,26 @@ def test_killed_worker_loses_only_what_it_was_handling() -> None:
             load.wait_requests(40)
             for _ in range(kills):
                 victim = server.workers()[0]
-                time.sleep(0.3)
-
+                # Kill it once it has been given work: with 16 clients on two single-thread
+                # workers, most of what it was given waits unread in its channel.
+                wait_for(lambda v=victim: (w := server.worker_health(v)) and w["connections_total"] >= 8,
+                         what="connections queued to the victim")
                 os.kill(victim, signal.SIGKILL)
+                victims.append(victim)
                 wait_for(lambda v=victim: len(server.workers()) == 2 and v not in server.workers(),
                          timeout=10, what="replacement worker")
                 server.wait_ready(2)
-            time.sleep(0.5)
+            served = load.ok
+            load.wait_requests(served + len(load.failed) + 40)  # and serving goes on
         finally:
             load.stop()
-        log = server.log()
-    # Each killed worker held one connection in its handler thread, and at most the
-    # rest of the one message it had just read; everything queued behind was re-sent.
+        health = server.cluster_health()
+        # Each killed worker held one connection in its handler thread, and at most the
+        # rest of the one message it had just read; everything queued behind was re-sent.
+        assert _salvaged(server) > 0, "no queued connection was taken back"
+        assert server.exits() == dict.fromkeys(victims, KILLED)
+        assert sum(w["restarts"] for w in health["workers"]) == kills  # each one replaced
     assert len(load.failed) <= kills * 2, load.failed
-    assert _salvaged(log) > 0, "no queued connection was taken back"
-    assert log.count("was killed by signal 9 (SIGKILL)") == kills
-    assert len(re.findall(r"worker \d: started pid \d+, replacing pid \d+", log)) == kills
     assert load.ok > 100
 
 
@@ -66,9 +74,10 @@ def test_stopped_worker_is_killed_after_timeout_and_its_queue_answered() -> None
             if pid_alive(victim):
                 os.kill(victim, signal.SIGCONT)
         assert load.failed == [] and load.ok == 40
-        log = server.log()
-        assert "sent no heartbeat" in log
-        assert _salvaged(log) > 0
+        # Nobody but the primary sent it SIGKILL: for its silence.
+        server.wait_events("worker_exit", where=lambda e: e["pid"] == victim)
+        assert server.exits() == {victim: KILLED}
+        assert _salvaged(server) > 0
         assert elapsed < 10
 
 
@@ -86,13 +95,12 @@ def test_stalled_worker_gets_nothing_new_and_its_queue_moves_long_before_timeout
             assert load.failed == [] and load.ok == 40
             assert set(load.pids) == {other}
             assert elapsed < 10  # not the 20 s timeout
-            log = server.log()
-            assert f"(pid {victim}) silent for" in log
-            assert _salvaged(log) > 0
+            assert server.worker_health(victim)["stalled"] is True
+            assert _salvaged(server) > 0
             assert pid_alive(victim)  # passed over, not killed
         finally:
             os.kill(victim, signal.SIGCONT)
-        wait_for(lambda: f"(pid {victim}) speaks again" in server.log(), timeout=10, what="resume")
+        wait_for(lambda: server.worker_health(victim)["stalled"] is False, timeout=10, what="resume")
         load = Load(server.address, clients=2, max_requests=20, max_seconds=30)
         load.wait_requests(20, timeout=15)
         load.stop()
@@ -106,7 +114,7 @@ def test_only_worker_stalled_then_resumed_serves_what_waited() -> None:
         os.kill(victim, signal.SIGSTOP)
         try:
             load = Load(server.address, clients=4, max_requests=4, max_seconds=30)
-            wait_for(lambda: f"(pid {victim}) silent for" in server.log(), timeout=10, what="the stall")
+            wait_for(lambda: server.worker_health(victim)["stalled"], timeout=10, what="the stall")
         finally:
             os.kill(victim, signal.SIGCONT)
         load.wait_requests(4, timeout=15)
@@ -117,28 +125,38 @@ def test_only_worker_stalled_then_resumed_serves_what_waited() -> None:
 def test_worker_garbage_on_the_channel_gets_it_replaced() -> None:
     # The handler writes garbage on its own worker's control channel.
     with ServerProcess("tests.apps:garbage_app", workers=2) as server:
-        server.wait_ready(2)
+        old = server.wait_ready(2)
+        culprit = None
         try:
-            request(server.address, "/")
+            culprit = answering_pid(request(server.address, "/"))
         except OSError:
-            pass
-        wait_for(lambda: "broke the protocol" in server.log(), what="protocol error logged")
-        wait_for(lambda: "replacing pid" in server.log(), what="replacement")
-        server.wait_ready(2)
+            pass  # killed before its answer left: which one is told by its exit
+        (gone,) = server.wait_events("worker_exit")  # the primary ended it...
+        assert gone["pid"] in old and culprit in (None, gone["pid"])
+        new = server.wait_ready(2)  # ...and started another in its place
+        (replacement,) = set(new) - set(old)
+        assert set(new) == set(old) - {gone["pid"]} | {replacement}
+        assert server.worker_health(replacement)["restarts"] == 1
         for _ in range(10):
-            assert "pid" in request(server.address, "/ok")
+            assert answering_pid(request(server.address, "/ok")) in new
+        assert len(server.exits()) == 1  # everyone else keeps serving
 
 
 def test_import_error_makes_the_cli_exit_nonzero_with_the_error() -> None:
+    started = time.monotonic()
     out = subprocess.run(
         [sys.executable, "-m", "dispatch", "tests.broken_app:app", "--workers", "2",
          "--bind", "127.0.0.1:0"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
+    elapsed = time.monotonic() - started
     assert out.returncode == 3, out.stderr[-2000:]
+    # Backed off between attempts: the fifth failure comes after each worker's first two
+    # waits (0.5 s, then 1 s); without backoff it comes within a few hundred ms.
+    assert elapsed >= 1.5, elapsed
+    # Kept on stderr: that the worker's own traceback reaches the operator is the
+    # behaviour under test (README: "the worker's own traceback is in the log").
     assert "broken_app refuses to import" in out.stderr
-    assert "retrying in" in out.stderr  # backed off between attempts
-    assert "failed to boot" in out.stderr
 
 
 def test_recycling_by_max_requests_drops_nothing() -> None:
@@ -149,7 +167,9 @@ def test_recycling_by_max_requests_drops_nothing() -> None:
         load.stop()
         assert load.failed == []
         assert len(load.pids) > 2  # workers were replaced along the way
-        assert "recycling worker" in server.log()
+        # ...gracefully: each old one drained and exited 0, none was killed.
+        server.wait_events("worker_exit")
+        assert set(server.exits().values()) == {DRAINED}
 
 
 def test_many_worker_restarts_leak_no_descriptors_or_zombies() -> None:
@@ -158,10 +178,11 @@ def test_many_worker_restarts_leak_no_descriptors_or_zombies() -> None:
         server.wait_ready(2)
         baseline = len(os.listdir(f"/proc/{server.pid}/fd"))
         for _ in range(200):
-            victim = server.workers()[0]
+            # A ready worker: one killed while it boots is a failed boot, retried after a backoff.
+            victim = server.wait_ready(1, interval=0.002)[0]
             os.kill(victim, signal.SIGKILL)
             wait_for(lambda v=victim: v not in server.workers() and len(server.workers()) == 2,
-                     what="replacement")
+                     interval=0.002, what="replacement")
         server.wait_ready(2)
         assert "pid" in request(server.address)
         wait_for(lambda: len(os.listdir(f"/proc/{server.pid}/fd")) == baseline,
@@ -173,13 +194,15 @@ def test_recycling_by_max_memory_drops_nothing() -> None:
     # Every worker is over a 1-byte limit: each is recycled once it is 5 s old, its
     # replacement ready before it drains.
     with ServerProcess(workers=2, max_memory=1) as server:
-        server.wait_ready(2)
+        old = server.wait_ready(2)
         load = Load(server.address, clients=4, max_requests=100_000, max_seconds=60)
-        wait_for(lambda: server.log().count("recycling worker") >= 2, timeout=30, what="recycles")
+        # Nothing else retires a worker here: no max_requests, no reload, no scaling.
+        server.wait_events("worker_exit", 2, timeout=30)
         load.wait_requests(load.ok + len(load.failed) + 200)
         load.stop()
         assert load.failed == []
-        assert "resident memory" in server.log()
+        exits = server.exits()
+        assert set(old) <= set(exits) and set(exits.values()) == {DRAINED}  # drained, not killed
         assert len(load.pids) > 2
 
 
@@ -187,7 +210,7 @@ def test_sigquit_stops_at_once() -> None:
     with ServerProcess(workers=2, graceful_timeout=60) as server:
         workers = server.wait_ready(2)
         slow = Load(server.address, clients=1, path="/sleep/5000", max_requests=1)
-        wait_for(lambda: "sleeping" in server.log(), what="slow request in flight")
+        server.wait_events("handling")  # slow request in flight
         started = time.monotonic()
         server.signal(signal.SIGQUIT)
         assert server.wait(10) == 0
