@@ -242,7 +242,7 @@ def test_process_titles() -> None:
 def test_worker_log_records_carry_the_worker_id() -> None:
     import logging
 
-    from dispatch.worker import _tag_log_records
+    from dispatch.worker_boot import _tag_log_records
 
     previous = logging.getLogRecordFactory()
     try:
