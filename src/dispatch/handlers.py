@@ -2,9 +2,10 @@
 
 A handler is a plain function ``handler(conn, addr)``, a coroutine function
 ``async handler(reader, writer)``, an ``AsyncioProtocol`` wrapping a protocol
-factory, or an import string ``"package.module:attr"`` naming one of those.
-``runner_for`` looks at the loaded handler once, when the worker boots; the
-worker never asks again per connection.
+factory, an ASGI or WSGI app, or an import string ``"package.module:attr"``
+naming one of those. ``runner_for`` looks at the loaded handler once, when the
+worker boots (``dispatch.interfaces`` tells which kind it is); the worker never
+asks again per connection.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dispatch.config import Handler
+from dispatch.interfaces import ASGI, HANDLER, WSGI, InterfaceError, interface_of
 from dispatch.runners import RunnerFactory
 from dispatch.runners.protocols import ProtocolRunner
 from dispatch.runners.streams import StreamRunner
@@ -68,10 +70,22 @@ class AsyncioProtocol:
         return self.factory()
 
 
-def runner_for(handler: Callable[..., Any]) -> RunnerFactory:
-    """The runner that serves ``handler``: protocol, coroutine stream, or plain in threads."""
-    if isinstance(handler, AsyncioProtocol):
-        return ProtocolRunner
-    if is_async_handler(handler):
-        return StreamRunner
-    return ThreadRunner
+def runner_for(handler: Callable[..., Any], interface: str = "auto") -> RunnerFactory:
+    """The runner that serves ``handler``: a web app's, or protocol, coroutine stream, or
+    plain in threads. ``interface`` is the option's value (``auto``: detect)."""
+    kind = interface_of(handler, interface)
+    if kind == HANDLER:
+        if isinstance(handler, AsyncioProtocol):
+            return ProtocolRunner
+        if is_async_handler(handler):
+            return StreamRunner
+        return ThreadRunner
+    try:  # only now: raw handlers need none of it
+        from dispatch.runners.web import AsgiRunner, WsgiRunner
+
+        if kind == WSGI:
+            import a2wsgi  # noqa: F401
+    except ImportError as exc:
+        raise InterfaceError(f"serving {handler!r} as an {kind.upper()} app needs the web extra: "
+                             f"pip install 'dispatch[web]' ({exc})") from exc
+    return AsgiRunner if kind == ASGI else WsgiRunner

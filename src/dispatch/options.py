@@ -9,10 +9,7 @@ step), and the code that uses it.
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ssl import SSLContext
@@ -20,114 +17,22 @@ from typing import Any, TypedDict
 
 from dispatch.balance import MODES, ConnectionPolicy, Policy
 
+# Re-exported: the parsers of values, here since Config and callers import them from here.
+from dispatch.values import Address as Address
+from dispatch.values import lookup_group as lookup_group
+from dispatch.values import lookup_user as lookup_user
+from dispatch.values import parse_binds as parse_binds
+from dispatch.values import parse_health as parse_health
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+#: What the handler is: detected in each worker after it is imported, unless given.
+INTERFACES = ("auto", "asgi", "wsgi", "handler")
+#: The worker's event loop, and the HTTP parser of web apps, spelled as uvicorn spells them.
+LOOPS = ("auto", "asyncio", "uvloop")
+HTTP_PARSERS = ("auto", "httptools", "h11")
 
 #: A check gets the option's name and the given value; it raises TypeError/ValueError naming both.
 Check = Callable[[str, Any], None]
-
-
-# ------------------------------------------------------------------ values
-@dataclass(frozen=True)
-class Address:
-    """One address to listen on, parsed from ``HOST:PORT``, ``[V6]:PORT`` or ``unix:PATH``."""
-
-    family: int
-    host: str  # the path for AF_UNIX
-    port: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> Address:
-        if not isinstance(text, str):
-            raise TypeError(f"bind address must be a string, not {type(text).__name__}")
-        if text.startswith("unix:"):
-            path = text[len("unix:") :]
-            if not path:
-                raise ValueError(f"bind address {text!r} has an empty path")
-            return cls(socket.AF_UNIX, path)
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not (port_text.isascii() and port_text.isdigit()):
-            raise ValueError(f"bind address {text!r} is not HOST:PORT, [IPV6]:PORT or unix:PATH")
-        port = int(port_text)
-        if port > 65535:
-            raise ValueError(f"bind address {text!r}: port {port} is out of range")
-        if host.startswith("[") and host.endswith("]"):
-            if len(host) == 2:
-                raise ValueError(f"bind address {text!r} has an empty IPv6 host")
-            return cls(socket.AF_INET6, host[1:-1], port)
-        if ":" in host:
-            raise ValueError(f"bind address {text!r}: write IPv6 hosts in brackets, [::1]:PORT")
-        return cls(socket.AF_INET, host or "0.0.0.0", port)
-
-    def __str__(self) -> str:
-        if self.family == socket.AF_UNIX:
-            return f"unix:{self.host}"
-        if self.family == socket.AF_INET6:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
-
-
-def parse_binds(bind: str | Sequence[str]) -> tuple[Address, ...]:
-    """The addresses of ``bind``: one string or a non-empty list of them."""
-    texts = [bind] if isinstance(bind, str) else list(bind)
-    if not texts:
-        raise ValueError("bind needs at least one address")
-    return tuple(Address.parse(text) for text in texts)
-
-
-def parse_health(health: str | None) -> Address | None:
-    """The health endpoint's address; a bare ``PORT`` or ``:PORT`` means loopback."""
-    if health is None:
-        return None
-    if isinstance(health, str) and (health.isdigit() or health.startswith(":")):
-        health = f"127.0.0.1:{health.lstrip(':')}"  # it exposes internals: loopback unless told
-    address = Address.parse(health)
-    if address.family == socket.AF_UNIX:
-        raise ValueError("health must be HOST:PORT")
-    return address
-
-
-def lookup_user(user: str | int | None) -> int | None:
-    """A uid from a uid, a numeric string (a uid: useradd refuses all-digit names) or a name."""
-    if user is None:
-        return None
-    if isinstance(user, str) and user.isascii() and user.isdigit():
-        user = int(user)
-    if isinstance(user, int) and not isinstance(user, bool):
-        if not 0 <= user < 2**32 - 1:  # (uid_t)-1 tells setresuid() "leave it unchanged"
-            raise ValueError(f"user {user} is out of range")
-        return user
-    if not isinstance(user, str):
-        raise TypeError(f"user must be a name or uid, not {type(user).__name__}")
-    try:
-        return pwd.getpwnam(user).pw_uid
-    except KeyError:
-        raise ValueError(f"user {user!r} does not exist") from None
-
-
-def lookup_group(group: str | int | None, user: str | int | None) -> int | None:
-    """A gid from a gid, a numeric string or a name; by default the user's own group."""
-    if group is None:
-        uid = lookup_user(user)
-        if uid is None:
-            return None
-        try:
-            return pwd.getpwuid(uid).pw_gid
-        except KeyError:
-            # No guess: a gid opens files as a uid does, and the usual fallback 65534 is
-            # also the overflow gid that NFS and user namespaces give unmapped owners.
-            raise ValueError(f"user {uid} has no passwd entry; pass group= too") from None
-    if isinstance(group, str) and group.isascii() and group.isdigit():
-        group = int(group)
-    if isinstance(group, int) and not isinstance(group, bool):
-        if not 0 <= group < 2**32 - 1:  # (gid_t)-1 tells setresgid() "leave it unchanged"
-            raise ValueError(f"group {group} is out of range")
-        return group
-    if not isinstance(group, str):
-        raise TypeError(f"group must be a name or gid, not {type(group).__name__}")
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ValueError(f"group {group!r} does not exist") from None
 
 
 # ------------------------------------------------------------------ checks
@@ -178,6 +83,19 @@ def _balance(name: str, value: Any) -> None:
         raise TypeError(
             f"{name} must be a mode name, or a policy with needs_loads and assign() or choose()"
         )
+
+
+def _choice(choices: Sequence[str]) -> Check:
+    def check(name: str, value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+    return check
+
+
+def _text(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, not {type(value).__name__}")
 
 
 def _log_level(name: str, value: Any) -> None:
@@ -266,10 +184,12 @@ OPTIONS: tuple[Option, ...] = (
            ", ".join(f"`{mode}`" for mode in MODES) + " (below), or a policy object",
            cli={"choices": MODES}, cli_help="how connections reach workers"),
     Option("threads", 1, _int(1),
-           "threads per worker for plain handlers: the most connections such a worker runs at once",
+           "threads per worker for plain handlers (the most connections such a worker runs at once) "
+           "and for WSGI apps (the most requests it runs at once)",
            cli={"type": int}),
     Option("max_connections", 0, _int(0),
-           "most connections a worker with a coroutine or protocol handler holds at once. The "
+           "most connections a worker with a coroutine or protocol handler, or a web app, holds at "
+           "once (a WebSocket is one). The "
            "primary never has more than that outstanding to the worker (credits: below); the rest "
            "wait in the primary or the listen backlog, where a worker that dies does not lose "
            "them; keep it above the number of keep-alive clients you expect per worker",
@@ -278,7 +198,8 @@ OPTIONS: tuple[Option, ...] = (
            "seconds a client may stay silent: before its first bytes (plain handlers wait for "
            "them on the worker's loop, not in a thread; such a connection is closed after this "
            "long), and in each blocking `recv`/`send` of a plain handler (the socket's timeout). "
-           "0 turns both off",
+           "For web apps: before the first request, and between requests on a keep-alive "
+           "connection. 0 turns them off",
            cli={"type": float}, cli_help="seconds a client may stay silent: before its first "
            "bytes, and in each blocking call of a plain handler; 0 turns both off"),
     Option("server_speaks_first", False, _bool,
@@ -339,6 +260,32 @@ OPTIONS: tuple[Option, ...] = (
     Option("group", None, _group,
            "run workers as this group (name or id; a numeric string is an id); by default the "
            "user's own group"),
+    Option("interface", "auto", _choice(INTERFACES),
+           "what the handler is: `asgi` (FastAPI, Starlette...), `wsgi` (Flask, Django...), "
+           "`handler` (the shapes above), or `auto`: each worker looks at the imported object "
+           "(Web apps, below) and refuses to boot, naming this option, when it cannot tell",
+           cli={"choices": INTERFACES}, cli_help="asgi, wsgi, handler, or auto: detected in "
+           "each worker"),
+    Option("loop", "auto", _choice(LOOPS),
+           "the worker's event loop: `auto` is uvloop for web apps when it is installed, "
+           "asyncio otherwise; `uvloop` applies to every handler",
+           cli={"choices": LOOPS}, cli_help="the worker's event loop (auto: uvloop for web apps "
+           "if installed)"),
+    Option("http", "auto", _choice(HTTP_PARSERS),
+           "HTTP parser of web apps: `auto` is httptools when it is installed, h11 otherwise",
+           cli={"choices": HTTP_PARSERS}),
+    Option("proxy_headers", False, _bool,
+           "web apps: trust `X-Forwarded-For` and `X-Forwarded-Proto` from the addresses in "
+           "`forwarded_allow_ips` for the client's address and scheme (uvicorn's semantics)",
+           cli={"action": "store_true"}, cli_help="web apps: trust X-Forwarded-For/-Proto from "
+           "--forwarded-allow-ips"),
+    Option("forwarded_allow_ips", None, _text,
+           "web apps: comma-separated addresses or networks trusted with `proxy_headers`, or "
+           '`"*"`; by default `$FORWARDED_ALLOW_IPS` or `127.0.0.1,::1`',
+           cli={"metavar": "IPS"}),
+    Option("access_log", False, _bool,
+           "web apps: log one line per request (uvicorn's `uvicorn.access` logger)",
+           cli={"action": "store_true"}),
     _hook("on_starting", "hook `f(server)` in the primary, after binding, before the first fork"),
     _hook("on_worker_start", "hook `f(worker_id)` in each new worker, after fork, before the "
           "handler is imported (gunicorn's `post_fork`)"),
@@ -380,6 +327,12 @@ class Options(TypedDict, total=False):
     ssl: SSLContext | None
     user: str | int | None
     group: str | int | None
+    interface: str
+    loop: str
+    http: str
+    proxy_headers: bool
+    forwarded_allow_ips: str | None
+    access_log: bool
     on_starting: Callable[[Any], None] | None
     on_worker_start: Callable[[int], None] | None
     on_worker_exit: Callable[[int, int, str], None] | None

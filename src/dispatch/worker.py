@@ -7,7 +7,9 @@ runs one asyncio loop with three parts, each decided once when it boots:
   channel (user-space balancing) or a listener it accepts on itself (kernel
   balancing);
 - a *runner* for the handler (``dispatch.runners``, chosen by
-  ``dispatch.handlers.runner_for``): threads, coroutine streams or a protocol;
+  ``dispatch.handlers.runner_for``): threads, coroutine streams, a protocol, or
+  a web app (whose lifespan startup runs before ``Ready``, and shutdown after
+  the last connection of a graceful stop);
 - this class, which ties them together: it sizes its capacity to its
   descriptor table and advertises it in ``Ready``, resumes the source when a
   connection finishes, reports finished connections (``Done``, the primary's
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from dispatch import _fdpass, protocol
+from dispatch import _fdpass, loops, protocol
 from dispatch.config import Config
 
 # Re-exported: primary.py imports these from here until it imports dispatch.handlers.
@@ -40,7 +42,8 @@ from dispatch.handlers import AsyncioProtocol as AsyncioProtocol
 from dispatch.handlers import HandlerImportError as HandlerImportError
 from dispatch.handlers import load_handler as load_handler
 from dispatch.handlers import runner_for
-from dispatch.runners import Runner
+from dispatch.interfaces import interface_of
+from dispatch.runners import Runner, StartupFailed
 from dispatch.sources import ChannelSource, ListenerSource, Source
 
 if TYPE_CHECKING:  # at run time through __getattr__ below
@@ -78,11 +81,16 @@ class Worker:
         self.handler = handler
         self.user_space = config.user_space
         self._reuseport = not self.user_space and config.balance == "reuseport"
-        self._make_runner = runner_for(handler)  # decided once: never per connection
+        # Decided once, at boot: never per connection. Raises CannotServe (a boot error).
+        self.interface = interface_of(handler, config.interface)
+        self._make_runner = runner_for(handler, self.interface)
+        self._uvloop = loops.wants_uvloop(config.loop, self.interface)
         self.capacity = 0  # connections held at once, set in _main (fd headroom known then)
         self.max_batch = _fdpass.SCM_MAX_FD
         self.total = 0
         self.draining = False
+        self._fast_stop = False  # SIGQUIT: no graceful end, no application shutdown
+        self._drain_deadline = 0.0  # loop time when a draining worker's graceful time is up
         self.unreported_done = 0
         self._flush_scheduled = False
         self._rss = 0
@@ -102,13 +110,25 @@ class Worker:
     # ------------------------------------------------------------- running
     def run(self) -> int:
         """Serve until drained or stopped (``SIGTERM``/``SIGQUIT``); return the exit code."""
-        return asyncio.run(self._main())
+        return loops.run(self._main(), self._uvloop)
 
     async def _main(self) -> int:
-        """Build the runner and sources on the running loop, say ``Ready``, wait for the end."""
+        """Build the runner and sources on the running loop, start the application, say
+        ``Ready``, wait for the end, stop the application."""
         self._loop = loop = asyncio.get_running_loop()
         self._finished = loop.create_future()
         self.runner = self._make_runner(loop, self.handler, self.config, self.worker_id, self._completed)
+        try:
+            await self.runner.startup()
+        except StartupFailed as exc:  # the application logged its own error
+            log.error("worker %d (pid %d) cannot boot: %s", self.worker_id, os.getpid(), exc)
+            self.runner.close()
+            return EXIT_BOOT_ERROR
+        except Exception:
+            log.exception("worker %d (pid %d) cannot boot: the application's startup raised",
+                          self.worker_id, os.getpid())
+            self.runner.close()
+            return EXIT_BOOT_ERROR
         self.channel.setblocking(False)
         channel = ChannelSource(loop, self.channel, self.runner, worker_id=self.worker_id, lost=self._lost,
                                 drain=self.begin_drain, pause_when_full=self.user_space)
@@ -120,7 +140,7 @@ class Worker:
                                          reuseport=self._reuseport, backlog=self.config.backlog,
                                          log_error=self._log_error)
         loop.add_signal_handler(signal.SIGTERM, self.begin_drain, "SIGTERM")
-        loop.add_signal_handler(signal.SIGQUIT, self._finish, EXIT_OK)
+        loop.add_signal_handler(signal.SIGQUIT, self._stop_fast)
         # Sized after the listeners exist: they take descriptors too.
         self.capacity, self.max_batch = self.runner.limits(max(1, _fd_headroom()))
         if self._control is not None:
@@ -129,9 +149,23 @@ class Worker:
         self._send(protocol.Ready(self.capacity, self.max_batch))
         self._heartbeat()
         try:
-            return await self._finished
+            code = await self._finished
+            if self.draining and not self._fast_stop:
+                await self._shutdown_application()
+            return code
         finally:
             self.runner.close()
+
+    async def _shutdown_application(self) -> None:
+        """The runner's shutdown (a web app's lifespan), within what is left of the graceful time."""
+        left = max(0.1, self._drain_deadline - self._loop.time())
+        try:
+            await asyncio.wait_for(self.runner.shutdown(), left)
+        except asyncio.TimeoutError:
+            log.warning("worker %d: the application's shutdown took longer than the graceful time left (%.1fs)",
+                        self.worker_id, left)
+        except Exception:
+            log.exception("worker %d: the application's shutdown raised", self.worker_id)
 
     # ------------------------------------------------------- finished work
     def _completed(self) -> None:
@@ -211,13 +245,20 @@ class Worker:
         self.source.close()
         if self._control is not None:
             self._control.close()
+        self._drain_deadline = self._loop.time() + self.config.graceful_timeout
         self._loop.call_later(self.config.graceful_timeout, self._finish, EXIT_OK)
+        self.runner.drain(self.config.graceful_timeout)
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
         if self.runner.active == 0:
             self._flush_done()
             self._finish(EXIT_OK)
+
+    def _stop_fast(self) -> None:
+        """SIGQUIT: exit now; connections in hand are cut."""
+        self._fast_stop = True
+        self._finish(EXIT_OK)
 
     def _finish(self, code: int) -> None:
         if not self._finished.done():

@@ -4,7 +4,8 @@
 fork copied from the primary (signal handlers, the wakeup pipe, the
 primary's descriptors), arranges to die with the primary, drops privileges
 (``dispatch.privileges``), runs the ``on_worker_start`` hook, imports the
-handler, and runs a ``Worker`` until it is done. It never returns: the exit
+handler, tells what it is (``dispatch.interfaces``), and runs a ``Worker``
+until it is done. It never returns: the exit
 code tells the primary how it ended.
 """
 
@@ -19,6 +20,7 @@ from typing import Any, NoReturn
 
 from dispatch.config import Config
 from dispatch.handlers import load_handler
+from dispatch.interfaces import CannotServe
 from dispatch.privileges import (
     PrivilegeError,
     die_with_primary,
@@ -55,11 +57,15 @@ def worker_main(
             config.on_worker_start(worker_id)
         try:
             handler = load_handler(config.handler)
+            worker = Worker(config, worker_id, channel, listeners, handler)
+        except CannotServe as exc:  # an ambiguous app, a missing extra: the message says it all
+            log.error("worker %d (pid %d) cannot serve %r: %s", worker_id, os.getpid(), config.handler, exc)
+            code = EXIT_BOOT_ERROR
         except BaseException:
             log.exception("worker %d (pid %d) cannot load handler %r", worker_id, os.getpid(), config.handler)
             code = EXIT_BOOT_ERROR
         else:
-            code = Worker(config, worker_id, channel, listeners, handler).run()
+            code = worker.run()
     except PrivilegeError as exc:  # never serve as anyone but the configured user
         log.critical("worker %d (pid %d) cannot drop privileges: %s", worker_id, os.getpid(), exc)
         code = EXIT_BOOT_ERROR

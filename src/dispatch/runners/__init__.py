@@ -4,12 +4,17 @@ One runner per worker, chosen once at boot by ``dispatch.handlers.runner_for``:
 
 - ``threads.ThreadRunner``: plain ``handler(conn, addr)`` in a thread pool;
 - ``streams.StreamRunner``: ``async handler(reader, writer)`` on the loop;
-- ``protocols.ProtocolRunner``: an ``asyncio.Protocol`` factory on the loop.
+- ``protocols.ProtocolRunner``: an ``asyncio.Protocol`` factory on the loop;
+- ``web.AsgiRunner``, ``web.WsgiRunner``: ASGI and WSGI apps through uvicorn's
+  protocol classes (``pip install 'dispatch[web]'``; imported only for them).
 
 They share one small interface (``Runner``): a source calls ``start(fd)`` for
 each connection while ``room()`` is positive, and the runner calls the
 ``done`` callback it was built with once per finished connection. The worker
-turns those calls into credits for the primary.
+turns those calls into credits for the primary. Around that, the worker awaits
+``startup()`` before it says ``Ready``, calls ``drain()`` when it stops taking
+connections, and awaits ``shutdown()`` after the last one of a graceful stop:
+the hooks of an application that has a lifespan of its own.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ log = logging.getLogger("dispatch.worker")
 
 #: Called once per finished connection, on the loop.
 Done = Callable[[], None]
+
+
+class StartupFailed(Exception):
+    """The application's own startup failed: a boot failure. Its error is logged already."""
 
 
 class Runner(Protocol):
@@ -59,6 +68,31 @@ class Runner(Protocol):
         """Stop whatever the runner owns (threads); the worker is exiting."""
         ...
 
+    async def startup(self) -> None:
+        """Before the worker says ``Ready``: start the application. Raising fails the boot."""
+        ...
+
+    def drain(self, graceful_timeout: float) -> None:
+        """No connection will come any more: finish the ones in hand within ``graceful_timeout``."""
+        ...
+
+    async def shutdown(self) -> None:
+        """After the last connection of a graceful stop: stop the application."""
+        ...
+
+
+class NoLifespan:
+    """The lifecycle hooks of runners whose handler has no startup or shutdown of its own."""
+
+    async def startup(self) -> None:
+        """Nothing to start."""
+
+    def drain(self, graceful_timeout: float) -> None:
+        """Nothing to do: connections end when their handler returns."""
+
+    async def shutdown(self) -> None:
+        """Nothing to stop."""
+
 
 class RunnerFactory(Protocol):
     """A runner class: ``(loop, handler, config, worker_id, done) -> Runner``."""
@@ -73,7 +107,7 @@ class RunnerFactory(Protocol):
     ) -> Runner: ...
 
 
-class LoopRunner:
+class LoopRunner(NoLifespan):
     """Base of the runners whose connections are tasks on the worker's loop.
 
     Each connection is one task; the runner holds at most ``max_connections``

@@ -26,13 +26,13 @@ from typing import Any
 
 from dispatch import _fdpass
 from dispatch.config import Config
-from dispatch.runners import Done, log, peer
+from dispatch.runners import Done, NoLifespan, log, peer
 
 #: Most connections waiting, on the loop, for their first bytes.
 IDLE_POOL = 1024
 
 
-class ThreadRunner:
+class ThreadRunner(NoLifespan):
     """Runs a plain handler in threads; connections without bytes wait on the loop."""
 
     def __init__(
