@@ -137,6 +137,3 @@ class Slot:
     recycle_failures: int = 0  # replacements for a recycle that died before ready, in a row
     recycle_not_before: float = 0.0
 
-
-def log_warning(message: str) -> Log:
-    return Log(logging.WARNING, message)

@@ -70,7 +70,6 @@ class Supervisor:
     restart_queue: list[int] = field(default_factory=list)  # old pids still to replace
     restarting: bool = False
     reload_pending: bool = False
-    stop_deadline: float | None = None
     boot_failures_total: int = 0
     exit_code: int = 0
     #: Workers replaced, by cause: exit, signal, timeout, recycle, spawn (a fork that failed).
