@@ -7,7 +7,6 @@ booting to draining when it is stopped before it is ready), and nothing else:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from enum import Enum
 
