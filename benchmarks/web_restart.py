@@ -117,7 +117,7 @@ def run_mode(balance: str, args: argparse.Namespace) -> dict[str, Any]:
     address, health = f"127.0.0.1:{port}", f"127.0.0.1:{health_port}"
     command = [sys.executable, "-m", "dispatch", "web_restart:app", "--workers", str(args.workers),
                "--bind", address, "--health", health, "--balance", balance,
-               "--graceful-timeout", str(args.graceful_timeout), "--log-level", "warning"]
+               "--graceful-timeout", str(args.graceful_timeout), "--log-level", args.log_level]
     log_path = Path(f"/tmp/dispatch-web-restart-{balance}-{os.getpid()}.log")
     with open(log_path, "wb") as log:
         server = subprocess.Popen(command, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
@@ -169,7 +169,8 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=2.0, help="seconds of load before and after each restart")
     parser.add_argument("--graceful-timeout", type=float, default=30.0)
     parser.add_argument("--balance", nargs="+", default=["round-robin", "least-connections"])
-    parser.add_argument("--verbose", action="store_true", help="print wrk's whole output")
+    parser.add_argument("--log-level", default="warning", help="the server's (its log: --verbose)")
+    parser.add_argument("--verbose", action="store_true", help="print wrk's whole output and the server log's path")
     args = parser.parse_args()
     print(f"# {machine()}")
     print(f"# wrk -t1 -c{args.connections} (keep-alive), {args.workers} workers, "
