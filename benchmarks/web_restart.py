@@ -121,6 +121,7 @@ def run_mode(balance: str, args: argparse.Namespace) -> dict[str, Any]:
     log_path = Path(f"/tmp/dispatch-web-restart-{balance}-{os.getpid()}.log")
     with open(log_path, "wb") as log:
         server = subprocess.Popen(command, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
+    wrk: subprocess.Popen[str] | None = None
     try:
         pids = wait_for(lambda: ready_pids(health, args.workers, set()), 30, "workers ready")
         wrk = subprocess.Popen(["wrk", "-t1", f"-c{args.connections}", "-d600s", f"http://{address}/"],
@@ -137,6 +138,9 @@ def run_mode(balance: str, args: argparse.Namespace) -> dict[str, Any]:
         wrk.send_signal(signal.SIGINT)  # wrk prints its summary and exits
         output, _ = wrk.communicate(timeout=30)
     finally:
+        if wrk is not None and wrk.poll() is None:
+            wrk.kill()
+            wrk.wait(5)
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(30)
