@@ -178,8 +178,9 @@ def test_cluster_health_counts_a_websocket_as_one_active_connection() -> None:
         wait_for(lambda: counts() == (0, 0), 10, what="no connection after the WebSocket closed")
 
 
-def test_rolling_restart_under_keep_alive_load_loses_no_request() -> None:
-    with cli_server("starlette_app", health=True) as server:
+@pytest.mark.parametrize("flags", [[], ["--http", "h11", "--loop", "asyncio"]], ids=["auto", "h11-asyncio"])
+def test_rolling_restart_under_keep_alive_load_loses_no_request(flags: list[str]) -> None:
+    with cli_server("starlette_app", *flags, health=True) as server:
         old = set(server.wait_ready(2))
         load = KeepAliveLoad(server.address, clients=4)
         try:

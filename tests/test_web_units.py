@@ -179,11 +179,12 @@ def read_response(loop: asyncio.AbstractEventLoop, client: socket.socket) -> byt
     return data
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
 def test_drain_says_connection_close_on_responses_in_progress_and_closes_idle_ones(
-        loop: asyncio.AbstractEventLoop) -> None:
+        loop: asyncio.AbstractEventLoop, parser: str) -> None:
     app = SlowApp()
     done: list[int] = []
-    runner = AsgiRunner(loop, app, Config(app), 0, lambda: done.append(1))
+    runner = AsgiRunner(loop, app, Config(app, http=parser), 0, lambda: done.append(1))
     runner.limits(100)
     loop.run_until_complete(runner.startup())
     clients = []
