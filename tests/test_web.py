@@ -262,6 +262,18 @@ def test_drain_closes_idle_keep_alive_connections_and_websockets_with_1012() -> 
         server.wait_replaced(old, 2)
 
 
+def test_silent_connections_close_after_client_timeout() -> None:
+    with cli_server("starlette_app", "--client-timeout", "0.5", workers=1) as server:
+        server.wait_ready(1)
+        with connect(server.address) as silent:  # never sends its first request
+            assert silent.recv(1) == b""  # closed by the server (a 10 s timeout fails the test)
+        conn = http_conn(server.address)
+        call(conn, "GET", "/")
+        assert conn.sock is not None
+        assert conn.sock.recv(1) == b""  # idle after a response: closed too
+        conn.close()
+
+
 def test_proxy_headers_only_when_asked() -> None:
     forwarded = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
     with cli_server("starlette_app", "--proxy-headers", workers=1) as trusting:
