@@ -30,25 +30,16 @@ import resource
 import signal
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 
 from dispatch import _fdpass, loops, protocol
 from dispatch.config import Config
-
-# Re-exported: primary.py imports these from here until it imports dispatch.handlers.
-from dispatch.handlers import AsyncioProtocol as AsyncioProtocol
-from dispatch.handlers import HandlerImportError as HandlerImportError
-from dispatch.handlers import load_handler as load_handler
 from dispatch.handlers import runner_for
 from dispatch.interfaces import interface_of
 from dispatch.runners import Runner, StartupFailed
 from dispatch.sources import ChannelSource, ListenerSource, Source
-
-if TYPE_CHECKING:  # at run time through __getattr__ below
-    from dispatch.worker_boot import _tag_log_records as _tag_log_records
-    from dispatch.worker_boot import worker_main as worker_main
 
 log = logging.getLogger("dispatch.worker")
 
@@ -276,12 +267,3 @@ def _fd_headroom() -> int:
         in_use = soft // 2
     return soft - in_use - _FD_RESERVE
 
-
-def __getattr__(name: str) -> Any:
-    # primary.py and a test still import these from here. They live in worker_boot,
-    # which imports this module: resolve them lazily, so neither import comes first.
-    if name in ("worker_main", "_tag_log_records"):
-        from dispatch import worker_boot
-
-        return getattr(worker_boot, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
