@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.commands import failures
-from benchmarks.measurement.logs import trim_log
+from benchmarks.commands import failures, web
+from benchmarks.commands.serving import Progress, run_server
 from benchmarks.paths import RESULTS
 from benchmarks.progress import log
 from benchmarks.report import plot, results
@@ -37,11 +36,14 @@ from benchmarks.targets.servers import (
     display_command,
     free_port,
 )
+from benchmarks.targets.web import DEFAULT_THREADS, WEB_TARGETS
 from benchmarks.workloads import compare as workloads
 from benchmarks.workloads.compare import FAILURE_WORKLOADS, WORKLOADS
 from benchmarks.workloads.failures import ALL_TARGETS as FAILURE_TARGETS
+from benchmarks.workloads.web import WEB_WORKLOADS
 
-HELP = "the balance modes next to the peers: tiny, keepalive, mixed, slowio (and failure, restart)"
+HELP = ("the balance modes next to the peers: tiny, keepalive, mixed, slowio (and web-*, wsgi-*: "
+        "the same web app under dispatch and the web servers; failure, restart)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,11 +54,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wrk-threads", type=int, default=1,
                    help="wrk threads (default %(default)s: leave the 2 cores to the servers)")
     p.add_argument("--workers", type=int, default=2, help="worker processes per server (default %(default)s)")
-    p.add_argument("--modes", default=",".join(ALL_TARGETS),
-                   help=f"comma-separated targets among {','.join(ALL_TARGETS)} (default: all)")
+    p.add_argument("--modes", default=",".join(ALL_TARGETS + WEB_TARGETS),
+                   help=f"comma-separated targets among {','.join(ALL_TARGETS)} and, for the web "
+                        f"workloads, {','.join(WEB_TARGETS)} (default: all)")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
-                   help=f"comma-separated among {','.join(WORKLOADS + FAILURE_WORKLOADS)} (default: "
-                        f"{','.join(WORKLOADS)}; failure and restart run the failures command afterwards)")
+                   help=f"comma-separated among {','.join(WORKLOADS + list(WEB_WORKLOADS) + FAILURE_WORKLOADS)} "
+                        f"(default: {','.join(WORKLOADS)}; the web ones run the same app under dispatch "
+                        "and the web servers (web.md); failure and restart run the failures command afterwards)")
+    p.add_argument("--wsgi-threads", type=int, default=DEFAULT_THREADS,
+                   help="web workloads: threads per WSGI worker, every WSGI server (default %(default)s)")
+    p.add_argument("--max-other-cpu", type=float, metavar="PCT",
+                   help="web workloads: run again a run during which other programs used more than PCT %% "
+                        "of the CPUs (after a quiet moment; default: never)")
+    p.add_argument("--reruns", type=int, default=3,
+                   help="web workloads, with --max-other-cpu: the most times one run is run again "
+                        "(default %(default)s)")
     p.add_argument("--warmup", type=int, default=1,
                    help="whole seconds of keep-alive load after each start; 0 = none (default %(default)s)")
     p.add_argument("--stop-timeout", type=float,
@@ -72,18 +84,24 @@ def finish(args: argparse.Namespace, p: argparse.ArgumentParser, invocation: str
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for m in args.modes:
-        if m not in ALL_TARGETS:
-            p.error(f"unknown mode {m!r}; choose among {', '.join(ALL_TARGETS)}")
+        if m not in ALL_TARGETS + WEB_TARGETS:
+            p.error(f"unknown mode {m!r}; choose among {', '.join(ALL_TARGETS + WEB_TARGETS)}")
+    known = WORKLOADS + list(WEB_WORKLOADS) + FAILURE_WORKLOADS
     for w in args.workloads:
-        if w not in WORKLOADS + FAILURE_WORKLOADS:
-            p.error(f"unknown workload {w!r}; choose among {', '.join(WORKLOADS + FAILURE_WORKLOADS)}")
+        if w not in known:
+            p.error(f"unknown workload {w!r}; choose among {', '.join(known)}")
+    args.web_modes = [m for m in args.modes if m in WEB_TARGETS]
+    args.modes = [m for m in args.modes if m in ALL_TARGETS]
     args.failure_workloads = [w for w in args.workloads if w in FAILURE_WORKLOADS]
+    args.web_workloads = [w for w in args.workloads if w in WEB_WORKLOADS]
     args.workloads = [w for w in args.workloads if w in WORKLOADS]
     args.invocation = invocation
 
 
 def execute(args: argparse.Namespace) -> int:
     code = compare(args) if args.workloads else 0
+    if code == 0 and args.web_workloads:
+        code = web.compare_web(args)
     if code == 0 and args.failure_workloads:
         code = run_failures(args)
     return code
@@ -146,26 +164,6 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
-class Progress:
-    """One line on stderr per run: [done/total] and the run's headline numbers."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done = total, 0
-
-    def run(self, rnd: int, rec: dict[str, Any]) -> None:
-        self.done += 1
-        head = f"[{self.done}/{self.total}] round {rnd} {rec['target']:<17} {rec['workload']:<9}"
-        if "error" in rec:
-            log(f"{head} FAILED: {rec['error']}")
-            return
-        p99 = f"{rec['p99_ms']:.2f}" if rec["p99_ms"] is not None else "-"
-        cpu = rec["primary_cpu_us_per"]
-        log(f"{head} "
-            f"{rec['rate']:>9,.0f}/s p99 {p99:>6} ms  errors {rec['non2xx']}+{rec['socket_errors']}"
-            f"  primary {cpu if cpu is None else round(cpu, 1)} µs/op"
-            + (f"  fast p99 {rec['fast_p99_ms']:.2f} ms" if "fast_p99_ms" in rec else ""))
-
-
 def one_server(target: str, rnd: int, args: argparse.Namespace, scripts: dict[str, Path],
                progress: Progress) -> list[dict[str, Any]]:
     """Start ``target``, warm it up, run each of its workloads on it, stop it: the runs' records."""
@@ -173,29 +171,5 @@ def one_server(target: str, rnd: int, args: argparse.Namespace, scripts: dict[st
     if target in DISPATCH_MODES:  # per-worker connection counts come from /cluster-health
         server.health_port = free_port()
         server.dispatch_args = ("--health", f"127.0.0.1:{server.health_port}")
-    records: list[dict[str, Any]] = []
-    mine: list[dict[str, Any]] = []
-    try:
-        server.start(boot_timeout=20)
-        workloads.warm_up(server, args.warmup, scripts)
-        for workload in workloads.workloads_for(target, args.workloads):
-            try:
-                rec = workloads.measure(server, workload, args, scripts)
-            except (RuntimeError, OSError, TimeoutError, json.JSONDecodeError) as exc:
-                rec = {"target": target, "workload": workload, "error": str(exc)}
-            rec.update(round=rnd, port=server.port)
-            mine.append(rec)
-            records.append(rec)
-            progress.run(rnd, rec)
-    except (RuntimeError, OSError, TimeoutError) as exc:
-        log(f"round {rnd} {target}: server failed: {exc}")
-        records.append({"target": target, "workload": "*", "round": rnd, "error": str(exc)})
-    finally:
-        server.stop(args.stop_timeout)
-        trim_log(server.log_path)
-        for rec in mine:
-            rec["server_stop_s"] = round(server.stop_seconds, 3)
-            rec["server_sigkilled"] = server.sigkilled
-        if server.sigkilled:
-            log(f"round {rnd} {target}: did not exit within {args.stop_timeout:g}s of SIGTERM; killed")
-    return records
+    return run_server(server, rnd, workloads.workloads_for(target, args.workloads), workloads.measure,
+                      args, scripts, progress)

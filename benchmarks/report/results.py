@@ -37,7 +37,7 @@ def build_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str
     keys = ["rate", "p50_ms", "p99_ms", "max_ms", "non2xx", "socket_errors", "primary_cpu_us_per",
             "server_cpu_us_per", "jain_worker_cpu", "jain_connections", "primary_peak_mib",
             "workers_peak_mib", "fast_p50_ms", "fast_p99_ms", "fast_max_ms", "fast_rate",
-            "probe_errors", "log_task_destroyed"]
+            "probe_errors", "log_task_destroyed", "other_cpu_pct"]
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for rec in records:
         if "error" in rec:

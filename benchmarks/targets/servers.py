@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import shlex
 import signal
@@ -28,6 +29,7 @@ FLOORS = ("floor-pass", "floor-close")
 # target -> the module run with ``python -m``, on benchmarks.peers.python_apps (repo root on PYTHONPATH)
 PYTHON_PEERS = {"gunicorn-sync": "gunicorn", "uvicorn": "uvicorn"}
 ALL_TARGETS = DISPATCH_MODES + PEER_TARGETS
+WORKER_PID = re.compile(rb"pid\W+(\d+)")  # the answering worker's pid in a response body
 
 
 def free_port() -> int:
@@ -100,8 +102,12 @@ class Server:
         assert self.proc is not None
         return self.proc.pid
 
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment this server starts with."""
+        return server_command(self.target, self.port, self.workers, self.log_level, self.dispatch_args)
+
     def start(self, boot_timeout: float) -> None:
-        cmd, env = server_command(self.target, self.port, self.workers, self.log_level, self.dispatch_args)
+        cmd, env = self.command()
         self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             cmd, env=env, stdin=subprocess.DEVNULL, stderr=self.log_file,
@@ -125,8 +131,9 @@ class Server:
                 if status == 200:
                     if not ok:
                         ok, seen_by = True, time.monotonic() + 2.0
-                    with contextlib.suppress(ValueError):
-                        self.seen_pids.add(int(body.split()[-1]))
+                    pid = WORKER_PID.search(body)  # "... pid N" or JSON '..."pid":N}'
+                    if pid:
+                        self.seen_pids.add(int(pid.group(1)))
             self.remember_children()
             if ok and len(self.seen_pids) >= self.workers:
                 break  # else keep trying up to 2 s: kernel balancing may favour one worker
