@@ -1,5 +1,5 @@
 """The web comparison's report: web.md (tables per workload with ratios against the baseline,
-the issue's targets met or missed, the exact commands) and web.json (every run's numbers)."""
+the targets met or missed, the exact commands) and web.json (every run's numbers)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ HOW = {"keepalive": "64 keep-alive connections",
        "tiny": "a new connection per request (`Connection: close`)",
        "mixed": f"a new connection per request, {SLOW_SHARE:.0%} of them `{SLOW_PATH}`; fast-only = a "
                 f"concurrent `wrk -c{PROBE_CONNECTIONS}` on `/`"}
-# (workload, target, metric, at most / at least, bound, what the issue asks)
+# (workload, target, metric, at most / at least, bound, what is asked)
 TARGETS = [
     ("web-keepalive", "dispatch-rr", "rate", ">=", 1.0,
      "dispatch round-robin ≥ 1.0× `uvicorn --workers` requests/s with keep-alive"),
@@ -74,7 +74,7 @@ def fmt_ratio(r: dict[str, float] | None) -> str:
 
 
 def verdicts(summary: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets: measured ratio, met or missed (None if not measured)."""
+    """The targets: measured ratio, met or missed (None if not measured)."""
     out = []
     for workload, target, key, op, bound, text in TARGETS:
         r = ratio(summary, records, workload, target, key)
@@ -132,7 +132,7 @@ def markdown(summary: dict[str, Any], records: list[dict[str, Any]], machine: di
              "- cells: median over rounds (min–max). Ratios: of the medians, against `uvicorn --workers` "
              "(ASGI) or gunicorn gthread (WSGI), with the min–max of the per-round ratios. Load generator "
              f"and servers share the same {machine['nproc']} CPUs.", ""]
-    lines += ["## The issue's targets", ""]
+    lines += ["## The targets", ""]
     for c in checks:
         verdict = {True: "**met**", False: "**missed**", None: "not measured"}[c["met"]]
         lines.append(f"- {c['issue']}: {verdict} ({fmt_ratio(c['ratio'])}, bound {c['bound']})")
