@@ -80,7 +80,7 @@ def verdicts(summary: dict[str, Any], records: list[dict[str, Any]]) -> list[dic
         r = ratio(summary, records, workload, target, key)
         met = None if r is None else (r["median"] >= bound if op == ">=" else r["median"] <= bound)
         out.append({"workload": workload, "target": target, "metric": key, "bound": f"{op} {bound}",
-                    "issue": text, "ratio": r, "met": met})
+                    "goal": text, "ratio": r, "met": met})
     return out
 
 
@@ -135,7 +135,7 @@ def markdown(summary: dict[str, Any], records: list[dict[str, Any]], machine: di
     lines += ["## The targets", ""]
     for c in checks:
         verdict = {True: "**met**", False: "**missed**", None: "not measured"}[c["met"]]
-        lines.append(f"- {c['issue']}: {verdict} ({fmt_ratio(c['ratio'])}, bound {c['bound']})")
+        lines.append(f"- {c['goal']}: {verdict} ({fmt_ratio(c['ratio'])}, bound {c['bound']})")
     lines.append("")
     for workload in WEB_WORKLOADS:
         if summary.get(workload):
