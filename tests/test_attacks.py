@@ -272,3 +272,24 @@ def test_a_worker_never_holds_more_than_max_connections() -> None:
         for thread in threads:
             thread.join(30)
         assert len(seen) == 12 and max(seen) <= 2, seen
+
+
+@needs_tools
+@pytest.mark.parametrize("nofile", [32, 64])
+def test_a_tiny_descriptor_limit_still_serves(nofile: int) -> None:
+    # The reserve kept for forking and health clients once took the whole table below
+    # ~60 descriptors: connections were accepted and never passed, without a word.
+    wrapper = ["prlimit", f"--nofile={nofile}:{nofile}"]
+    with ServerProcess("tests.apps:pid_app", workers=2, health=None, wrapper=wrapper) as server:
+        workers = server.wait_ready(2)
+        baseline = fd_count(server.pid)
+        idle = _open_idle(server.address, 100)  # more than the whole table
+        try:
+            time.sleep(0.5)
+            assert pid_alive(server.pid)
+        finally:
+            _close_all(idle)
+        pids = {answering_pid(request(server.address, timeout=10)) for _ in range(4)}
+        assert pids <= set(workers) and pids
+        assert sorted(server.workers()) == sorted(workers)
+        assert _settled_fd_count(server.pid, baseline) <= baseline

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dispatch import _fdpass, protocol, supervisor
 from dispatch.balance import ConnectionPolicy, GuardedPolicy, Policy
 from dispatch.counters import Counters
+from dispatch.limits import descriptors_free
 from dispatch.processes import WorkerHandle, kill
 from dispatch.reactor import IN, OUT, FailureLog, Reactor
 
@@ -147,17 +148,16 @@ class Dispatcher:
 
     def update_budget(self, reserve: int) -> None:
         """How many descriptors may be in flight, from the room left in our table."""
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft == resource.RLIM_INFINITY:
-            soft = 1 << 20
-        try:
-            in_table = len(os.listdir("/proc/self/fd")) - len(self.pending)
-        except OSError:
+        free = descriptors_free(reserve + FD_RESERVE + 3 * len(self.workers), len(self.pending))
+        if free is None:
             return  # EMFILE right now: keep the last estimate
-        free = max(0, soft - in_table - reserve - FD_RESERVE - 3 * len(self.workers))
         self._accept_limit = max(1, min(self._accept_batch, free // 4))
         was_full = self.outstanding >= self.budget
         self.budget = max(0, free - self._accept_limit)
+        if self.budget < max(1, len(self.workers)):
+            self.failures.error("budget", "RLIMIT_NOFILE %d leaves room for %d connections in flight "
+                                "to %d workers; raise the limit", resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                                self.budget, len(self.workers), exc_info=False)
         if was_full and self.outstanding < self.budget:
             self.rebuild_targets()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 
 
@@ -27,3 +28,21 @@ def raise_fd_limit() -> tuple[int, str]:
         return logging.INFO, f"RLIMIT_NOFILE: raised the soft limit from {soft} to the hard limit {target}"
     shown = "unlimited" if hard == resource.RLIM_INFINITY else hard
     return logging.INFO, f"RLIMIT_NOFILE: soft limit {soft}, hard limit {shown}"
+
+
+def descriptors_free(reserve: int, transient: int = 0) -> int | None:
+    """Descriptors this process may still open, less ``reserve`` kept aside for other uses.
+
+    The reserve never takes more than half of what is free, so that a small
+    RLIMIT_NOFILE still leaves room to serve. ``transient`` open descriptors are
+    about to be closed and not counted. None when /proc cannot be read (EMFILE).
+    """
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    try:
+        in_use = len(os.listdir("/proc/self/fd")) - transient
+    except OSError:
+        return None
+    free = max(0, soft - in_use)
+    return free - min(reserve, free // 2)

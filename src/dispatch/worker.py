@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
 import signal
 import socket
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from dispatch import _fdpass, loops, protocol
 from dispatch.config import Config
 from dispatch.handlers import runner_for
 from dispatch.interfaces import interface_of
+from dispatch.limits import descriptors_free
 from dispatch.runners import Runner, StartupFailed
 from dispatch.sources import ChannelSource, ListenerSource, Source
 
@@ -133,7 +133,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.begin_drain, "SIGTERM")
         loop.add_signal_handler(signal.SIGQUIT, self._stop_fast)
         # Sized after the listeners exist: they take descriptors too.
-        self.capacity, self.max_batch = self.runner.limits(max(1, _fd_headroom()))
+        self.capacity, self.max_batch = self.runner.limits(max(1, descriptors_free(_FD_RESERVE) or 1))
         if self._control is not None:
             self._control.resume()
         self.source.resume()
@@ -255,15 +255,4 @@ class Worker:
         if not self._finished.done():
             self._finished.set_result(code)
 
-
-def _fd_headroom() -> int:
-    """Descriptors this process may still open, less a reserve for the handler's own."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    try:
-        in_use = len(os.listdir("/proc/self/fd"))
-    except OSError:
-        in_use = soft // 2
-    return soft - in_use - _FD_RESERVE
 
