@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import errno
+import logging
 import os
 import select
 import signal
@@ -26,8 +27,9 @@ from dispatch.balance import make_policy
 from dispatch.control import Scale
 from dispatch.dispatcher import Dispatcher
 from dispatch.fleet import Fleet
+from dispatch.logs import FailureLog
 from dispatch.processes import WorkerHandle
-from dispatch.reactor import IN, FailureLog, Reactor
+from dispatch.reactor import IN, Reactor
 
 
 def handler(conn: socket.socket, addr: Any) -> None:  # never called: nothing is forked
@@ -44,7 +46,7 @@ class Harness:
         balance = balance or "round-robin"
         policy = make_policy(balance) if isinstance(balance, str) else balance
         self.dispatcher = Dispatcher(policy, self.server.workers,
-                                     self.reactor, self.server.counters, FailureLog(), 16, 16)
+                                     self.reactor, self.server.counters, FailureLog(logging.getLogger("dispatch")), 16, 16)
         self.dispatcher.budget = 10_000
         self.server._dispatcher = self.dispatcher
         self.fleet = Fleet(self.server.config, self.server.supervisor, self.reactor, self.server.workers,

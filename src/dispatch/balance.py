@@ -160,6 +160,11 @@ class GuardedPolicy:
         self.per_connection = isinstance(policy, ConnectionPolicy) and not isinstance(policy, Policy)
         self._fallback = RoundRobin()
         self._on_error = on_error
+        if type(policy) in (RoundRobin, LeastConnections, Sticky):
+            # Ours are right by construction, and this runs once per batch on the hot path:
+            # the checks are for user code.
+            self.assign = getattr(policy, "assign", self.assign)  # type: ignore[method-assign]
+            self.choose = getattr(policy, "choose", self.choose)  # type: ignore[method-assign]
 
     def assign(self, count: int, loads: Sequence[int], workers: int) -> list[int]:
         try:

@@ -82,8 +82,6 @@ class Config:
     policy: Policy | ConnectionPolicy | None = field(
         init=False, repr=False, compare=False, default=None
     )
-    #: True when the policy needs each worker's load, so the primary must track completions.
-    needs_loads: bool = field(init=False, repr=False, default=False)
 
     def __post_init__(self) -> None:
         _check_handler(self.handler)
@@ -106,10 +104,14 @@ class Config:
             "uid": lookup_user(self.user),
             "gid": lookup_group(self.group, self.user),  # the user's group unless told
             "policy": policy,
-            "needs_loads": bool(policy is not None and policy.needs_loads),
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)  # frozen: the one place it is set
+
+    @property
+    def needs_loads(self) -> bool:
+        """True when the policy balances on each worker's load (completions)."""
+        return self.policy is not None and bool(self.policy.needs_loads)
 
     @property
     def user_space(self) -> bool:

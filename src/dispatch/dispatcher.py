@@ -26,8 +26,9 @@ from dispatch import _fdpass, protocol, supervisor
 from dispatch.balance import ConnectionPolicy, GuardedPolicy, Policy
 from dispatch.counters import Counters
 from dispatch.limits import descriptors_free
+from dispatch.logs import FailureLog
 from dispatch.processes import WorkerHandle, kill
-from dispatch.reactor import IN, OUT, FailureLog, Reactor
+from dispatch.reactor import IN, OUT, Reactor
 
 _FDS_MESSAGES = [protocol.encode_fds(n) for n in range(_fdpass.SCM_MAX_FD + 1)]
 # Descriptors kept free in the primary's own table, beyond the accept batch, for

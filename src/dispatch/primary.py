@@ -27,9 +27,10 @@ from dispatch.dispatcher import Dispatcher
 from dispatch.endpoints import Endpoints
 from dispatch.fleet import Fleet
 from dispatch.limits import raise_fd_limit
+from dispatch.logs import FailureLog
 from dispatch.options import Options
 from dispatch.processes import WorkerHandle, kill
-from dispatch.reactor import FailureLog, Reactor
+from dispatch.reactor import Reactor
 from dispatch.systemd import Notifier, Readiness
 
 if TYPE_CHECKING:
@@ -294,7 +295,7 @@ class Server:
                 step(now)
             except Exception:
                 self.counters.tick_errors += 1
-                self._failures.error(step.__name__, "periodic task %s failed", step.__name__)
+                self._failures.error(step.__name__, "periodic task %s failed", step.__name__, exc_info=True)
 
     def _supervise(self, now: float) -> None:
         self._apply(self.supervisor.tick(now))

@@ -15,9 +15,10 @@ import logging
 import os
 import select
 import signal
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from dispatch.logs import FailureLog
 
 log = logging.getLogger("dispatch")
 
@@ -26,25 +27,6 @@ OUT = select.EPOLLOUT
 ERR = select.EPOLLERR | select.EPOLLHUP
 
 Callback = Callable[[int], None]
-# How often the same kind of failure is logged again (seconds).
-LOG_EVERY = 10.0
-
-
-class FailureLog:
-    """Logs an error at most once per ``LOG_EVERY`` seconds per kind: a failure that
-    repeats on every pass must not flood the log."""
-
-    def __init__(self, logger: logging.Logger = log) -> None:
-        self.logger = logger
-        self._last: dict[str, float] = {}
-
-    def error(self, kind: str, message: str, *args: object, exc_info: bool = True) -> None:
-        now = time.monotonic()
-        last = self._last.get(kind)
-        if last is not None and now - last < LOG_EVERY:
-            return
-        self._last[kind] = now
-        self.logger.error(message, *args, exc_info=exc_info)
 
 
 class Reactor:
@@ -53,7 +35,7 @@ class Reactor:
     def __init__(self, failures: FailureLog | None = None) -> None:
         self._epoll = select.epoll()
         self._callbacks: dict[int, Callback] = {}
-        self._failures = failures or FailureLog()
+        self._failures = failures or FailureLog(log)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._requests: list[object] = []
         self._on_requests: Callable[[list[object]], None] | None = None
@@ -104,7 +86,7 @@ class Reactor:
                 try:
                     callback(events)
                 except Exception:
-                    self._failures.error("event", "an event handler of the primary failed")
+                    self._failures.error("event", "an event handler of the primary failed", exc_info=True)
 
     # ------------------------------------------------------------ requests and signals
     def on_requests(self, handler: Callable[[list[object]], None]) -> None:

@@ -38,6 +38,7 @@ from dispatch.config import Config
 from dispatch.handlers import runner_for
 from dispatch.interfaces import interface_of
 from dispatch.limits import descriptors_free
+from dispatch.logs import FailureLog
 from dispatch.runners import Runner, StartupFailed
 from dispatch.sources import ChannelSource, ListenerSource, Source
 
@@ -51,7 +52,6 @@ EXIT_BOOT_ERROR = 3
 # Descriptors kept for the handler's own files and sockets: connections never use them.
 _FD_RESERVE = 64
 # How often the same kind of failure is logged again (seconds).
-_LOG_EVERY = 10.0
 
 
 class Worker:
@@ -85,7 +85,7 @@ class Worker:
         self.unreported_done = 0
         self._flush_scheduled = False
         self._rss = 0
-        self._last_error_log: dict[str, float] = {}
+        self._failures = FailureLog(log)
         self._process = psutil.Process()
         self.runner: Runner
         self.source: Source  # where connections come from
@@ -129,7 +129,7 @@ class Worker:
             self._control = channel
             self.source = ListenerSource(loop, self._listeners, self.runner, worker_id=self.worker_id,
                                          reuseport=self._reuseport, backlog=self.config.backlog,
-                                         log_error=self._log_error)
+                                         log_error=self._failures.error)
         loop.add_signal_handler(signal.SIGTERM, self.begin_drain, "SIGTERM")
         loop.add_signal_handler(signal.SIGQUIT, self._stop_fast)
         # Sized after the listeners exist: they take descriptors too.
@@ -208,22 +208,15 @@ class Worker:
             try:
                 self._rss = self._process.memory_info().rss
             except (OSError, psutil.Error) as exc:
-                self._log_error("rss", "worker %d: cannot read its memory use: %s", self.worker_id, exc)
+                self._failures.error("rss", "worker %d: cannot read its memory use: %s", self.worker_id, exc)
             cpu = os.times()
             self._send(protocol.Heartbeat(self.runner.active, self.total, self._rss,
                                           int((cpu.user + cpu.system) * 1000)))
             self._flush_done()
         except Exception:
-            self._log_error("heartbeat", "worker %d: heartbeat failed", self.worker_id, exc_info=True)
+            self._failures.error("heartbeat", "worker %d: heartbeat failed", self.worker_id, exc_info=True)
         finally:
             self._loop.call_later(self.config.heartbeat_interval, self._heartbeat)
-
-    def _log_error(self, kind: str, message: str, *args: Any, exc_info: bool = False) -> None:
-        """Log at most once every 10 s per kind: a failure that repeats must not flood."""
-        now = self._loop.time()
-        if now - self._last_error_log.get(kind, -1e9) >= _LOG_EVERY:
-            self._last_error_log[kind] = now
-            log.error(message, *args, exc_info=exc_info)
 
     # --------------------------------------------------------------- stop
     def begin_drain(self, why: str) -> None:
