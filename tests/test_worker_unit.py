@@ -12,7 +12,7 @@ from typing import Any
 
 from dispatch import _fdpass, protocol
 from dispatch.config import Config
-from dispatch.worker import Worker
+from dispatch.worker import REPORT_BATCH, Worker
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -71,11 +71,12 @@ def test_capacity_fits_in_the_descriptor_table() -> None:
 
 
 def test_completions_in_one_loop_pass_are_reported_in_one_done() -> None:
+    # least-connections weighs loads: every pass that finished connections reports them.
     primary_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     primary_end.setblocking(False)
 
     async def run() -> None:
-        worker = Worker(Config(echo), 0, worker_end, [], echo)
+        worker = Worker(Config(echo, balance="least-connections"), 0, worker_end, [], echo)
         main = asyncio.ensure_future(worker._main())
         await asyncio.sleep(0.05)
         messages(primary_end)  # Ready, first heartbeat
@@ -85,6 +86,39 @@ def test_completions_in_one_loop_pass_are_reported_in_one_done() -> None:
         await asyncio.sleep(0.05)
         assert [m for m in messages(primary_end) if isinstance(m, protocol.Done)] == [protocol.Done(3)]
         assert worker.total == 3 and worker.unreported_done == 0
+        worker._finish(0)
+        await main
+
+    with primary_end, worker_end:
+        asyncio.run(run())
+
+
+def test_without_loads_completions_are_reported_in_batches_or_with_the_heartbeat() -> None:
+    # round-robin does not weigh loads: fewer Done messages, credits back within a heartbeat.
+    primary_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    primary_end.setblocking(False)
+
+    async def run() -> None:
+        worker = Worker(Config(echo, timeout=2.0), 0, worker_end, [], echo)  # beats every 0.5 s
+        main = asyncio.ensure_future(worker._main())
+        await asyncio.sleep(0.05)
+        messages(primary_end)  # Ready, first heartbeat
+        every = worker._report_every
+        assert every == REPORT_BATCH
+        worker.runner.active += every + 3
+        for _ in range(every - 1):
+            worker._completed()
+        await asyncio.sleep(0.05)
+        assert not [m for m in messages(primary_end) if isinstance(m, protocol.Done)]
+        for _ in range(4):
+            worker._completed()
+        await asyncio.sleep(0.05)
+        assert [m for m in messages(primary_end) if isinstance(m, protocol.Done)] == [protocol.Done(every + 3)]
+        worker.runner.active += 2
+        worker._completed()
+        worker._completed()
+        await asyncio.sleep(0.6)  # the next heartbeat carries them
+        assert [m for m in messages(primary_end) if isinstance(m, protocol.Done)] == [protocol.Done(2)]
         worker._finish(0)
         await main
 
@@ -108,7 +142,7 @@ def test_descriptors_lost_in_transit_come_back_as_done() -> None:
     primary_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     primary_end.setblocking(False)
     with primary_end, worker_end:
-        worker = Worker(Config(echo), 0, worker_end, [], echo)
+        worker = Worker(Config(echo, timeout=0.4), 0, worker_end, [], echo)
         clients = send_connections(primary_end, 1, announced=3)
         run_worker_for(worker, 0.3)
         done = sum(m.count for m in messages(primary_end) if isinstance(m, protocol.Done))

@@ -3,6 +3,7 @@
 # Python object is made per connection, and errors become OSError(errno).
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport malloc, free
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 
 from dispatch._libc cimport (
     EAGAIN, EINTR, ECONNABORTED, EPROTO, EPERM, ENOSYS, SIOCOUTQ,
@@ -109,7 +110,7 @@ def accept_batch(int listen_fd, int[::1] out, Py_ssize_t limit=-1):
 
 
 def send_fds(int sock_fd, const int[::1] fds, Py_ssize_t start=0, Py_ssize_t count=-1,
-             const unsigned char[::1] data=None, int flags=0, bint close_sent=False):
+             object data=None, int flags=0, bint close_sent=False):
     """Send ``fds[start:start+count]`` and the bytes ``data`` in one message.
 
     Returns ``True`` when the message was sent and ``False`` when the socket
@@ -133,13 +134,20 @@ def send_fds(int sock_fd, const int[::1] fds, Py_ssize_t start=0, Py_ssize_t cou
     cdef cmsghdr *cmsg
     cdef ssize_t rc
     cdef int err = 0
+    cdef const unsigned char[::1] view
     memset(&msg, 0, sizeof(msg))
-    if data is None or data.shape[0] == 0:
-        iov.iov_base = &zero
-        iov.iov_len = 1
-    else:
-        iov.iov_base = <void *>&data[0]
-        iov.iov_len = data.shape[0]
+    iov.iov_base = &zero
+    iov.iov_len = 1
+    if data is not None:
+        if PyBytes_CheckExact(data):  # the hot path's cached messages: no buffer to acquire
+            if PyBytes_GET_SIZE(data) > 0:
+                iov.iov_base = PyBytes_AS_STRING(data)
+                iov.iov_len = PyBytes_GET_SIZE(data)
+        else:
+            view = data
+            if view.shape[0] > 0:
+                iov.iov_base = <void *>&view[0]
+                iov.iov_len = view.shape[0]
     msg.msg_iov = &iov
     msg.msg_iovlen = 1
     if count > 0:

@@ -138,27 +138,41 @@ class Fleet:
         if not events & (IN | ERR):
             return
         now = time.monotonic()
-        for _ in range(MESSAGES_PER_PASS):  # the rest waits for the next pass (level-triggered)
-            if self.workers.get(worker.pid) is not worker:
-                return  # replaced or gone while handling a message
-            try:
-                data = worker.channel.recv(64)
-            except OSError:  # EAGAIN: all read; anything else: the pidfd will tell
-                return
-            if not data:
-                return
-            try:
-                message = protocol.decode_from(data, protocol.TO_PRIMARY)
-            except protocol.ProtocolError as exc:
-                self._channel_broken(worker, f"it broke the protocol ({exc})")
-                return
-            self._on_message(worker, message, now)
+        done = 0  # Done counts of this pass, credited once at its end
+        recv = worker.channel.recv
+        done_count = protocol.done_count
+        try:
+            for _ in range(MESSAGES_PER_PASS):  # the rest waits for the next pass (level-triggered)
+                try:
+                    data = recv(64)
+                except OSError:  # EAGAIN: all read; anything else: the pidfd will tell
+                    return
+                if not data:
+                    return
+                count = done_count(data)
+                if count is not None:
+                    done += count
+                    continue
+                try:
+                    message = protocol.decode_from(data, protocol.TO_PRIMARY)
+                except protocol.ProtocolError as exc:
+                    self._channel_broken(worker, f"it broke the protocol ({exc})")
+                    return
+                self._on_message(worker, message, now)
+                if self.workers.get(worker.pid) is not worker:
+                    return  # replaced or gone while handling a message
+        finally:
+            if done and self.workers.get(worker.pid) is worker:
+                self._on_done(worker, done, now)
+
+    def _on_done(self, worker: WorkerHandle, count: int, now: float) -> None:
+        self._apply(self.supervisor.heard_from(worker.pid, now))
+        if self.dispatcher is not None:
+            self.dispatcher.on_done(worker, count)
 
     def _on_message(self, worker: WorkerHandle, message: protocol.Message, now: float) -> None:
-        if isinstance(message, protocol.Done):
-            self._apply(self.supervisor.heard_from(worker.pid, now))
-            if self.dispatcher is not None:
-                self.dispatcher.on_done(worker, message.count)
+        if isinstance(message, protocol.Done):  # decode_from's answer when done_count refused it
+            self._on_done(worker, message.count, now)
         elif isinstance(message, protocol.Heartbeat):
             worker.report = message
             self._apply(self.supervisor.heartbeat(worker.pid, now, message.total, message.rss))

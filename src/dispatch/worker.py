@@ -49,6 +49,9 @@ EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_BOOT_ERROR = 3
 
+#: Most finished connections a worker keeps unreported when the policy does not weigh
+#: loads (round-robin, sticky): fewer messages, credits still back within a heartbeat.
+REPORT_BATCH = 32
 # Descriptors kept for the handler's own files and sockets: connections never use them.
 _FD_RESERVE = 64
 # How often the same kind of failure is logged again (seconds).
@@ -85,6 +88,9 @@ class Worker:
         self._fast_stop = False  # SIGQUIT: no graceful end, no application shutdown
         self._drain_deadline = 0.0  # loop time when a draining worker's graceful time is up
         self.unreported_done = 0
+        # Done is sent once per loop pass when the policy weighs loads (they must be fresh);
+        # else once this many have finished (a share of the credits), or at the heartbeat.
+        self._report_every = 1
         self._flush_scheduled = False
         self._rss = 0
         self._failures = FailureLog(log)
@@ -137,6 +143,8 @@ class Worker:
         loop.add_signal_handler(signal.SIGQUIT, self._stop_fast)
         # Sized after the listeners exist: they take descriptors too.
         self.capacity, self.max_batch = self.runner.limits(max(1, descriptors_free(_FD_RESERVE) or 1))
+        if not self.config.needs_loads:
+            self._report_every = max(1, min(self.capacity // 8, REPORT_BATCH))
         if self._control is not None:
             self._control.resume()
         self.source.resume()
@@ -167,7 +175,8 @@ class Worker:
         self.total += 1
         if self.user_space:
             self.unreported_done += 1
-            self._schedule_flush()
+            if self.unreported_done >= self._report_every:
+                self._schedule_flush()
         if self.draining:
             self._maybe_finish()
         elif self.source.paused and self.runner.room() > 0:
