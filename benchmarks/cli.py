@@ -2,6 +2,7 @@
 load, attacks on a live server, a restart soak. Run from the repository's root.
 
     python -m benchmarks run --quick          # the balance modes next to the peers, about 2 minutes
+    python -m benchmarks openloop             # fast-request latency at fixed arrival rates (h2load)
     python -m benchmarks failures --quick     # workers killed, rolling restarts, about 3 minutes
     python -m benchmarks abuse --only NAME    # attacks on a live server (as root)
     python -m benchmarks soak --restarts 2000 # kill workers N times, check nothing leaks
@@ -20,9 +21,10 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from benchmarks.commands import abuse, failures, run, soak
+from benchmarks.commands import abuse, failures, openloop, run, soak
 
-COMMANDS: dict[str, ModuleType] = {"run": run, "failures": failures, "abuse": abuse, "soak": soak}
+COMMANDS: dict[str, ModuleType] = {"run": run, "openloop": openloop, "failures": failures, "abuse": abuse,
+                                   "soak": soak}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

@@ -34,6 +34,14 @@ def cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
 
 
+def cpu_split(pid: int) -> tuple[int, int] | None:
+    """(utime, stime) of one process, in clock ticks: user-space and kernel time apart."""
+    fields = proc_stat(pid)
+    if fields is None:
+        return None
+    return int(fields[11]), int(fields[12])
+
+
 def cpu_percent(pid: int, seconds: float) -> float:
     """CPU use of ``pid`` over the next ``seconds``, in percent of one core."""
     before = cpu_ticks(pid)

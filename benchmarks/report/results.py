@@ -33,11 +33,28 @@ def fmt(s: dict[str, float] | None, digits: int = 0, unit: str = "") -> str:
     return f"{f(s['median'])}{unit} ({f(s['min'])}–{f(s['max'])})"
 
 
+def _ratio(entry: dict[str, Any], other: dict[str, Any] | None, key: str) -> str:
+    """entry's median of ``key`` over other's, e.g. 1.15×."""
+    mine, theirs = entry.get(key), (other or {}).get(key)
+    if not mine or not theirs or not theirs["median"]:
+        return "–"
+    return f"{mine['median'] / theirs['median']:.2f}×"
+
+
+def _split(entry: dict[str, Any], who: str) -> str:
+    """``who``'s (primary, workers) user / system CPU medians, µs per operation."""
+    user, sys_ = entry.get(f"{who}_user_us_per"), entry.get(f"{who}_sys_us_per")
+    if not user or not sys_:
+        return "–"
+    return f"{user['median']:.1f} / {sys_['median']:.1f}"
+
+
 def build_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     keys = ["rate", "p50_ms", "p99_ms", "max_ms", "non2xx", "socket_errors", "primary_cpu_us_per",
             "server_cpu_us_per", "jain_worker_cpu", "jain_connections", "primary_peak_mib",
             "workers_peak_mib", "fast_p50_ms", "fast_p99_ms", "fast_max_ms", "fast_rate",
-            "probe_errors", "log_task_destroyed", "other_cpu_pct"]
+            "probe_errors", "log_task_destroyed", "other_cpu_pct", "primary_user_us_per",
+            "primary_sys_us_per", "workers_user_us_per", "workers_sys_us_per"]
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for rec in records:
         if "error" in rec:
@@ -90,7 +107,8 @@ def markdown(summary: dict[str, Any], records: list[dict[str, Any]], machine: di
         head += ["non-2xx", "socket errors", f"primary CPU µs/{per}"]
         if workload == "tiny":
             head += [f"÷ {f}" for f in FLOORS if floors[f]]
-        head += [f"server CPU µs/{per}", "Jain (worker CPU)", "Jain (connections)", "worker share of conns %",
+        head += [f"server CPU µs/{per}", "÷ reuseport's", "primary user / sys µs", "workers user / sys µs",
+                 "Jain (worker CPU)", "Jain (connections)", "worker share of conns %",
                  "primary peak MiB", "workers peak MiB (sum)", "tasks destroyed (log)"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for target in [t for t in ALL_TARGETS if t in by_target]:
@@ -112,7 +130,8 @@ def markdown(summary: dict[str, Any], records: list[dict[str, Any]], machine: di
                         row += [f"{p['median'] / floor['median']:.2f}×" if ok else "–"]
             destroyed = fmt(e["log_task_destroyed"]) if target in DISPATCH_MODES else "–"
             share = " / ".join(fmt(x) for x in e["conn_share_pct"]) if e.get("conn_share_pct") else "–"
-            row += [fmt(e["server_cpu_us_per"], 1), fmt(e["jain_worker_cpu"], 3), fmt(e["jain_connections"], 3),
+            row += [fmt(e["server_cpu_us_per"], 1), _ratio(e, by_target.get("reuseport"), "server_cpu_us_per"),
+                    _split(e, "primary"), _split(e, "workers"), fmt(e["jain_worker_cpu"], 3), fmt(e["jain_connections"], 3),
                     share, fmt(e["primary_peak_mib"], 1), fmt(e["workers_peak_mib"], 1), destroyed]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")

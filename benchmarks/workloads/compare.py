@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.measurement.logs import count_log
-from benchmarks.measurement.proc import CLK_TCK, MemorySampler, cpu_ticks
+from benchmarks.measurement.proc import CLK_TCK, MemorySampler, cpu_split, cpu_ticks
 from benchmarks.measurement.stats import jain
 from benchmarks.measurement.wrk import DONE_LUA, finish_wrk, mixed_lua, reap, start_wrk
 from benchmarks.targets.servers import FLOORS, Server
@@ -72,6 +72,7 @@ def measure(server: Server, workload: str, args: argparse.Namespace, scripts: di
     duration = args.duration
     workers = server.remember_children() if server.target not in FLOORS else []
     before = {pid: cpu_ticks(pid) for pid in [server.pid, *workers]}
+    split_before = {pid: cpu_split(pid) for pid in before}
     offset = server.log_path.stat().st_size
     accepted0 = server.accepted() if server.target in FLOORS else 0
     conns0 = server.worker_connections()
@@ -92,6 +93,7 @@ def measure(server: Server, workload: str, args: argparse.Namespace, scripts: di
     wall = time.monotonic() - t0
     accepted1 = server.accepted() if server.target in FLOORS else 0
     after = {pid: cpu_ticks(pid) for pid in before}
+    split_after = {pid: cpu_split(pid) for pid in before}
     conn_share = None
     if conns0 is not None:
         if server.target in ("reuseport", "shared"):
@@ -111,6 +113,13 @@ def measure(server: Server, workload: str, args: argparse.Namespace, scripts: di
         secs = wall
     primary_cpu = delta(server.pid)
     worker_cpu = [delta(pid) for pid in workers]
+
+    def per_op(pids: list[int], which: int) -> float | None:
+        """User (0) or system (1) CPU of ``pids`` together, µs per completed operation."""
+        ticks = [a[which] - b[which] for b, a in ((split_before.get(p), split_after.get(p)) for p in pids)
+                 if a is not None and b is not None]
+        return sum(ticks) / CLK_TCK / completed * 1e6 if completed and ticks else None
+
     rec: dict[str, Any] = {
         "target": server.target,
         "workload": workload,
@@ -128,6 +137,10 @@ def measure(server: Server, workload: str, args: argparse.Namespace, scripts: di
         "worker_cpu_s": worker_cpu,
         "primary_cpu_us_per": primary_cpu / completed * 1e6 if completed else None,
         "server_cpu_us_per": (primary_cpu + sum(worker_cpu)) / completed * 1e6 if completed else None,
+        "primary_user_us_per": per_op([server.pid], 0),
+        "primary_sys_us_per": per_op([server.pid], 1),
+        "workers_user_us_per": per_op(workers, 0),
+        "workers_sys_us_per": per_op(workers, 1),
         "jain_worker_cpu": jain(worker_cpu),
         "worker_connections": conn_share,
         "jain_connections": jain(conn_share) if conn_share else None,

@@ -1,0 +1,107 @@
+"""Open-loop load with h2load: connections made at a fixed rate, whatever the server does.
+
+A closed-loop generator (wrk) sends the next request only when an answer came
+back, so a server that stalls is also sent less, and the stall hides in the
+numbers (coordinated omission). h2load's rate mode (``-r``/``--rate-period``)
+starts connections on a timer instead; with ``-n`` equal to ``-c`` each makes
+one request. Latencies come from its per-request log (``--log-file``).
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+# Connections idle this long are given up (h2load -N): bounds a run against a stuck server.
+INACTIVITY_TIMEOUT_S = 10
+
+
+@dataclass
+class H2load:
+    cmd: list[str]
+    proc: subprocess.Popen[str]
+    log_file: Path
+    planned: int
+    per_second: float  # the rate h2load was given, after rounding to its units
+
+
+def rate_plan(per_second: float) -> tuple[int, int]:
+    """``(N, P)``: N connections every P whole milliseconds (h2load takes no fraction), the
+    shortest period within 0.5% of ``per_second`` (the closest if none is)."""
+    if per_second <= 0:
+        raise ValueError("the rate must be positive")
+    best: tuple[float, int, int] | None = None
+    for period_ms in range(1, 1001):
+        count = max(1, round(per_second * period_ms / 1000))
+        error = abs(count * 1000 / period_ms - per_second) / per_second
+        if error <= 0.005:
+            return count, period_ms
+        if best is None or error < best[0]:
+            best = (error, count, period_ms)
+    assert best is not None
+    return best[1], best[2]
+
+
+def start(port: int, path: str, per_second: float, seconds: float, log_file: Path) -> H2load:
+    """One request per new connection to ``path`` at ``per_second`` for ``seconds``."""
+    count, period_ms = rate_plan(per_second)
+    total = max(1, round(per_second * seconds))
+    cmd = ["h2load", "--h1", "-t", "1", "-c", str(total), "-n", str(total), "-r", str(count),
+           "--rate-period", f"{period_ms}ms",
+           "-N", f"{INACTIVITY_TIMEOUT_S}s", "--log-file", str(log_file), f"http://127.0.0.1:{port}{path}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            text=True)
+    return H2load(cmd, proc, log_file, total, count * 1000 / period_ms)
+
+
+def finish(run: H2load, timeout: float) -> dict[str, object]:
+    """Wait for ``run``; its latencies (ms, answered 2xx only), and what failed."""
+    try:
+        out, _ = run.proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        run.proc.kill()
+        run.proc.communicate(timeout=5)
+        raise RuntimeError(f"h2load did not finish in {timeout:g}s: {shlex.join(run.cmd)}") from None
+    latencies: list[float] = []
+    bad_status = 0
+    try:
+        text = run.log_file.read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        fields = line.split("\t")
+        if len(fields) < 3:
+            continue
+        if fields[1].startswith("2"):
+            latencies.append(int(fields[2]) / 1000)
+        else:
+            bad_status += 1
+    return {"latencies_ms": latencies, "planned": run.planned, "per_second": run.per_second,
+            "answered": len(latencies),
+            "failed": run.planned - len(latencies), "bad_status": bad_status,
+            "command": shlex.join(run.cmd), "exit": run.proc.returncode, "summary": _summary(out)}
+
+
+def reap(*runs: H2load | None) -> None:
+    """Kill any of ``runs`` still running (after an error), and wait for it."""
+    for run in runs:
+        if run is not None and run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait(timeout=5)
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile ``q`` (0-100) of an ascending list."""
+    if not sorted_values:
+        return None
+    rank = max(1, -(-len(sorted_values) * q // 100))
+    return sorted_values[int(rank) - 1]
+
+
+def _summary(out: str) -> str:
+    for line in out.splitlines():
+        if line.startswith("requests:"):
+            return line.strip()
+    return out.strip().splitlines()[-1] if out.strip() else ""
