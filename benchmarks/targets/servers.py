@@ -99,6 +99,7 @@ class Server:
     dispatch_args: tuple[str, ...] = ()
     health_port: int | None = None  # dispatch started with --health 127.0.0.1:health_port
     app: str = "dispatch.demo:app"  # what dispatch serves
+    answers: bool = True  # False: the app answers nothing; ready = /readyz on the health port
 
     @property
     def pid(self) -> int:
@@ -124,6 +125,9 @@ class Server:
             if not line.startswith("ready"):
                 raise RuntimeError(f"floor server did not start: {line!r}")
             return
+        if not self.answers:
+            self.wait_ready_probe(deadline)
+            return
         # Ready = the expected workers exist and answer; try briefly to see each of them.
         ok = False
         seen_by = deadline
@@ -144,6 +148,19 @@ class Server:
             time.sleep(0.05)
         if not ok:
             raise RuntimeError(f"{self.target} did not answer within {boot_timeout}s; see {self.log_path}")
+
+    def wait_ready_probe(self, deadline: float) -> None:
+        """Until ``/readyz`` on the health port says 200 (every worker ready is not needed)."""
+        assert self.proc is not None and self.health_port is not None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.target} exited with {self.proc.returncode}; see {self.log_path}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(  # noqa: S310 - 127.0.0.1, our port
+                    f"http://127.0.0.1:{self.health_port}/readyz", timeout=2) as resp:
+                if resp.status == 200 and len(self.remember_children()) >= self.workers:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.target} was not ready in time; see {self.log_path}")
 
     def remember_children(self) -> list[int]:
         kids = children(self.pid)
