@@ -138,6 +138,11 @@ def flask_home() -> dict[str, Any]:
     return {"pid": os.getpid(), "framework": "flask"}
 
 
+@flask_app.get("/client")
+def flask_client() -> dict[str, Any]:
+    return {"host": request.remote_addr, "remote_addr": request.environ.get("REMOTE_ADDR")}
+
+
 @flask_app.post("/json")
 def flask_json() -> tuple[dict[str, Any], int]:
     return {"got": request.get_json(), "pid": os.getpid()}, 201
