@@ -158,6 +158,7 @@ def _read_response(sock: socket.socket) -> bytes:
 def test_drain_delay_turns_readyz_503_at_once_and_serves_until_it_is_over() -> None:
     probe = f"127.0.0.1:{free_port()}"
     with ServerProcess(drain_delay=2.0, probe=probe) as server:
+        server.wait_ready(2)
         assert http_get(probe, "/readyz")[0] == 200
         server.signal(signal.SIGTERM)
         wait_for(lambda: http_get(probe, "/readyz")[0] == 503, 2, what="/readyz 503")
@@ -175,7 +176,7 @@ def test_sigusr1_drains_and_undrains_while_serving() -> None:
     probe, agent = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     with ServerProcess(probe=probe, agent=agent) as server:
         server.wait_ready(2)
-        assert agent_line(agent) == "up ready 100%\n"
+        assert agent_line(agent).startswith("up ready ")
         server.signal(signal.SIGUSR1)
         wait_for(lambda: http_get(probe, "/readyz")[0] == 503, 5, what="/readyz 503")
         assert "maintenance" in http_get(probe, "/readyz")[1]
@@ -227,11 +228,12 @@ def test_agent_weight_follows_the_workers_cpu() -> None:
     agent = f"127.0.0.1:{free_port()}"
     with ServerProcess("tests.apps:burn_app", workers=1, threads=2, agent=agent, timeout=5.0) as server:
         server.wait_ready(1)
-        assert agent_line(agent) == "up ready 100%\n"
+        assert agent_line(agent).startswith("up ready ")
 
         def weight() -> int:
-            return int(agent_line(agent).split()[2].rstrip("%"))
+            return int(agent_line(agent).split()[-1].rstrip("%"))
 
+        wait_for(lambda: weight() >= 90, 10, interval=0.3, what="a high weight when idle")
         stop = time.monotonic() + 20
         import threading
 

@@ -7,11 +7,14 @@ state; :class:`AgentServer` serves it from the primary's epoll loop.
 
 Nothing is read from the client and nothing waits: each accepted connection gets the line,
 a FIN and a close at once, so an idle client, garbage, or a flood costs one accept each
-(at most 16 per loop pass), never a slot held open. ``ready`` is in every normal answer
-because HAProxy keeps a ``drain`` or ``maint`` an agent said (perhaps the previous process
-on this port, during a deploy) until an agent says ``ready``; it also ends a ``maint`` set
-from HAProxy's own CLI, so take a server out through dispatch (``SIGUSR1``), not HAProxy,
-when the agent is on.
+(at most 16 per loop pass), never a slot held open.
+
+HAProxy keeps a ``drain`` or ``maint`` an agent said (perhaps the previous process on this
+port, during a deploy) until an agent says ``ready`` — and ``ready`` also ends a
+``maint`` or ``drain`` set from HAProxy's own CLI (measured with HAProxy 2.6). So the agent
+says ``ready`` only for ``READY_WINDOW`` seconds after it starts answering ``up`` (at start,
+after maintenance): long enough for every balancer polling it to clear what it said before,
+short enough that an operator's own ``set server ... state maint`` holds afterwards.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from dispatch.health.server import Register, Unregister
 from dispatch.listeners import bind, bound_name
@@ -33,28 +37,53 @@ log = logging.getLogger("dispatch")
 _ACCEPT_BATCH = 16  # per readiness event; epoll is level-triggered, the rest waits a turn
 _ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#: Seconds the agent says ``ready`` after it goes (back) to ``up``: several of HAProxy's
+#: default ``agent-inter`` (2 s), for every balancer that polls it.
+READY_WINDOW = 30.0
 
 
-def reply(*, stopping: bool, maintenance: bool, load: float | None, weight: Callable[[float], int]) -> bytes:
-    """The agent's line: ``maint`` once stopping (the listeners are about to close),
-    ``drain`` in maintenance or with no worker ready (``load`` None), else
-    ``up ready N%`` with the weight of ``load``."""
-    if stopping:
-        return b"maint\n"
-    if maintenance or load is None:
-        return b"drain\n"
-    return f"up ready {weight(load)}%\n".encode()
+@dataclass(frozen=True)
+class Status:
+    """What the agent reports: stopping, in maintenance, and the workers' load (None when
+    no worker is ready)."""
+
+    stopping: bool
+    maintenance: bool
+    load: float | None
+
+
+class Replies:
+    """Chooses each line; pure but for remembering when it last went to ``up``."""
+
+    def __init__(self, weight: Callable[[float], int], window: float = READY_WINDOW) -> None:
+        self._weight = weight
+        self._window = window
+        self._ready_until: float | None = None  # None: not answering up now
+
+    def line(self, status: Status, now: float) -> bytes:
+        """``maint`` once stopping (the listeners are about to close); ``drain`` in
+        maintenance or with no worker ready; else ``up N%`` with the load's weight, with
+        ``ready`` during the window after each return to ``up``."""
+        if status.stopping or status.maintenance or status.load is None:
+            self._ready_until = None
+            return b"maint\n" if status.stopping else b"drain\n"
+        if self._ready_until is None:
+            self._ready_until = now + self._window
+        words = "up ready" if now < self._ready_until else "up"
+        return f"{words} {self._weight(status.load)}%\n".encode()
 
 
 class AgentServer:
-    """Answers every connection on ``address`` with ``answer()`` and closes it.
+    """Answers every connection on ``address`` with a line for ``status()`` and closes it.
 
     Binds and listens at once (``BindError`` names the address); serves once ``attach()``
     has put its listener into the owner's epoll loop.
     """
 
-    def __init__(self, address: Address, answer: Callable[[], bytes], backlog: int = 128) -> None:
-        self.answer = answer
+    def __init__(self, address: Address, status: Callable[[], Status], weight: Callable[[float], int],
+                 backlog: int = 128) -> None:
+        self.status = status
+        self.replies = Replies(weight)
         self.listener = bind(address, backlog)
         self._address = bound_name(self.listener)
         self._register: Register | None = None
@@ -120,7 +149,7 @@ class AgentServer:
     def _answer(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         try:
-            line = self.answer()
+            line = self.replies.line(self.status(), time.monotonic())
         except Exception:
             log.exception("agent: computing the answer failed")
             return

@@ -62,8 +62,9 @@ class Endpoints:
             self.probe = ProbeServer(server, config.probe_address)
         if config.agent_address is not None:
             from dispatch.agent import AgentServer
+            from dispatch.load import weight
 
-            self.agent = AgentServer(config.agent_address, server.agent_answer)
+            self.agent = AgentServer(config.agent_address, server.agent_status, weight)
         if config.pidfile:
             pidfile = Pidfile(config.pidfile)
             pidfile.create()

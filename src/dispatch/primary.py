@@ -28,7 +28,7 @@ from dispatch.drain import DrainState
 from dispatch.endpoints import Endpoints
 from dispatch.fleet import Fleet
 from dispatch.limits import raise_fd_limit
-from dispatch.load import LoadMeter, weight
+from dispatch.load import LoadMeter
 from dispatch.logs import FailureLog
 from dispatch.options import Options
 from dispatch.processes import WorkerHandle, kill
@@ -37,6 +37,8 @@ from dispatch.systemd import Notifier, Readiness
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from dispatch.agent import Status
 
 log = logging.getLogger("dispatch")
 
@@ -131,12 +133,11 @@ class Server:
         """The ready workers' mean load, 0 to 1 (``dispatch.load``); None when none is ready."""
         return self._load.load(self.workers)
 
-    def agent_answer(self) -> bytes:
-        """The agent-check line (``dispatch.agent``)."""
-        from dispatch.agent import reply
+    def agent_status(self) -> Status:
+        """What the agent-check port reports (``dispatch.agent.Status``)."""
+        from dispatch.agent import Status
 
-        return reply(stopping=self.supervisor.stopping or self._drain.delaying,
-                     maintenance=self._drain.maintenance, load=self.load, weight=weight)
+        return Status(self.supervisor.stopping or self._drain.delaying, self._drain.maintenance, self.load)
 
     # ================================================================ setup
     def start(self, install_signal_handlers: bool = False) -> None:
