@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from dispatch import control, supervisor
+from dispatch.balance import ConnectionPolicy
 from dispatch.config import Config, Handler
 from dispatch.counters import Counters
 from dispatch.dispatcher import Dispatcher
@@ -188,6 +189,10 @@ class Server:
         log.info("dispatch primary %d listening on %s (balance=%s, workers=%d)", os.getpid(),
                  ",".join(self.addresses), self._balance_name(), self.config.workers)
         log.log(fd_limit_level, fd_limit_note)  # after binding: a bind error stays one line
+        if self.config.proxy_protocol != "off" and isinstance(self.config.policy, ConnectionPolicy):
+            log.warning("balance=%s picks workers by the address the primary sees, the proxy's: "
+                        "with proxy_protocol every connection of one proxy goes to one worker",
+                        self._balance_name())
         _set_process_title("dispatch: primary")
         if self.config.on_starting is not None:
             self.config.on_starting(self)
