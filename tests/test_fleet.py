@@ -46,6 +46,15 @@ def exchange(address: str, data: bytes, source: str | None = None, timeout: floa
 GET = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (``/proc/PID/stat``)."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def client_of(answer: bytes) -> tuple[str, int]:
     """``(host, port)`` from an addr_app answer."""
     words = answer.split(b"\r\n\r\n", 1)[1].decode().split()
@@ -107,8 +116,12 @@ def test_a_stalled_half_header_is_closed_after_client_timeout_and_costs_nothing(
             sock.sendall(header[:cut])
             stalled.append(sock)
         silent = [connect(server.address) for _ in range(3)]
-        # The worker keeps serving others meanwhile.
+        # The worker keeps serving others meanwhile, and waits without spinning: bytes
+        # peeked at stay readable, so a reader on the loop would fire without end.
+        cpu = cpu_seconds(worker)
         assert client_of(exchange(server.address, header + GET)) == ("203.0.113.9", 4242)
+        time.sleep(0.5)
+        assert cpu_seconds(worker) - cpu < 0.25
         started = time.monotonic()
         for sock in stalled + silent:
             sock.settimeout(5)

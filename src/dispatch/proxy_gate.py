@@ -37,14 +37,25 @@ DEFAULT_TIMEOUT = 5.0
 VERSIONS = {"v1": (1,), "v2": (2,), "auto": (1, 2)}
 
 
+#: Seconds before looking again at a header that arrived in part. Peeked bytes stay
+#: readable, so a reader on the loop would fire at once, again and again: a half header
+#: would spin the worker until its deadline.
+RECHECK = 0.02
+
+_WAIT, _PARTIAL, _DONE = range(3)  # what one look at a connection found
+
+
 class _Waiting:
-    __slots__ = ("sock", "timer", "trusted", "peer")
+    __slots__ = ("sock", "fd", "timer", "trusted", "peer", "watching", "recheck")
 
     def __init__(self, sock: socket.socket, timer: asyncio.TimerHandle, is_trusted: bool, peer: object) -> None:
         self.sock = sock
+        self.fd = sock.fileno()
         self.timer = timer
         self.trusted = is_trusted
         self.peer = peer
+        self.watching = False  # a reader on the loop
+        self.recheck: asyncio.TimerHandle | None = None
 
 
 class ProxyGate:
@@ -89,8 +100,7 @@ class ProxyGate:
             return
         waiting = _Waiting(sock, self._loop.call_later(self._timeout, self._expired, fd), trusted(peer, self._networks), peer)
         self._waiting[fd] = waiting
-        if not self._read(waiting):
-            self._loop.add_reader(fd, self._on_readable, fd)
+        self._look(waiting)
 
     def close(self) -> None:
         for waiting in list(self._waiting.values()):
@@ -108,17 +118,34 @@ class ProxyGate:
         await self.runner.shutdown()
 
     # ------------------------------------------------------------ reading the header
-    def _on_readable(self, fd: int) -> None:
+    def _look_again(self, fd: int) -> None:
         waiting = self._waiting.get(fd)
         if waiting is not None:
-            self._read(waiting)
+            waiting.recheck = None
+            self._look(waiting)
 
-    def _read(self, waiting: _Waiting) -> bool:
-        """Look at what arrived; True when the connection left the gate (passed or refused)."""
+    def _look(self, waiting: _Waiting) -> None:
+        """Read what arrived; then wait for bytes on the loop, or look again shortly when
+        part of a header is there (``RECHECK``)."""
+        found = self._read(waiting)
+        if found == _DONE:
+            return
+        if found == _PARTIAL:
+            if waiting.watching:
+                self._loop.remove_reader(waiting.fd)
+                waiting.watching = False
+            waiting.recheck = self._loop.call_later(RECHECK, self._look_again, waiting.fd)
+        elif not waiting.watching:
+            self._loop.add_reader(waiting.fd, self._look_again, waiting.fd)
+            waiting.watching = True
+
+    def _read(self, waiting: _Waiting) -> int:
+        """One look: ``_DONE`` when the connection left the gate (passed or refused),
+        ``_PARTIAL`` when the start of a header is there, ``_WAIT`` when nothing is."""
         try:
             data = waiting.sock.recv(proxy_protocol.MAX_LENGTH, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
-            return False
+            return _WAIT
         except OSError as exc:
             return self._refuse(waiting, f"read failed: {exc}")
         if not data:
@@ -126,11 +153,11 @@ class ProxyGate:
         if not waiting.trusted:
             kind = proxy_protocol.detect(data)
             if kind is None:
-                return False
+                return _PARTIAL
             if kind:
                 return self._refuse(waiting, "a PROXY header from a sender not in proxy_allow")
             self._pass(waiting, None)
-            return True
+            return _DONE
         try:
             header = proxy_protocol.parse(data, self._versions)
         except proxy_protocol.ProxyProtocolError as exc:
@@ -138,7 +165,7 @@ class ProxyGate:
         if header is None:
             if len(data) >= proxy_protocol.MAX_LENGTH:  # cannot happen with a valid header
                 return self._refuse(waiting, "header too long")
-            return False
+            return _PARTIAL
         try:
             consumed = waiting.sock.recv(header.length)
         except OSError as exc:
@@ -146,7 +173,7 @@ class ProxyGate:
         if len(consumed) != header.length:  # the kernel gave less than it showed: give up
             return self._refuse(waiting, "short read of the header")
         self._pass(waiting, header.source)
-        return True
+        return _DONE
 
     def _pass(self, waiting: _Waiting, source: proxy_protocol.Address | None) -> None:
         fd = waiting.sock.fileno()
@@ -155,11 +182,11 @@ class ProxyGate:
         waiting.sock.detach()
         self.runner.start(fd)
 
-    def _refuse(self, waiting: _Waiting, why: str) -> bool:
+    def _refuse(self, waiting: _Waiting, why: str) -> int:
         self.refused += 1
         log.debug("worker %d: closing a connection from %s: %s", self._worker_id, waiting.peer, why)
         self._drop(waiting)
-        return True
+        return _DONE
 
     def _expired(self, fd: int) -> None:
         waiting = self._waiting.get(fd)
@@ -169,10 +196,13 @@ class ProxyGate:
 
     def _forget(self, waiting: _Waiting) -> None:
         # Before the runner sees the descriptor: it may watch it on the loop itself.
-        fd = waiting.sock.fileno()
-        self._loop.remove_reader(fd)
+        if waiting.watching:
+            self._loop.remove_reader(waiting.fd)
+            waiting.watching = False
+        if waiting.recheck is not None:
+            waiting.recheck.cancel()
         waiting.timer.cancel()
-        self._waiting.pop(fd, None)
+        self._waiting.pop(waiting.fd, None)
 
     def _drop(self, waiting: _Waiting) -> None:
         fd = waiting.sock.fileno()
