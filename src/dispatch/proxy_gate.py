@@ -63,7 +63,8 @@ class ProxyGate:
 
     It builds the real runner with its own ``done``, so ``active`` counts every
     connection in hand, waiting here or in the runner: the worker's credits, heartbeats
-    and drain see them like any other.
+    and drain see them like any other. A header that completes goes to the runner at once,
+    which queues it if it has no thread free.
     """
 
     def __init__(self, make_runner: RunnerFactory, loop: asyncio.AbstractEventLoop,
@@ -77,14 +78,22 @@ class ProxyGate:
         self._networks = parse_networks(config.proxy_allow, "proxy_allow")
         self._timeout = config.client_timeout or DEFAULT_TIMEOUT
         self._waiting: dict[int, _Waiting] = {}
+        self._capacity = 0  # set by limits(), before the first connection
         self.refused = 0
 
     # ------------------------------------------------------------ the Runner interface
     def limits(self, headroom: int) -> tuple[int, int]:
-        return self.runner.limits(headroom)
+        self._capacity, max_batch = self.runner.limits(headroom)
+        return self._capacity, max_batch
 
     def room(self) -> int:
-        return self.runner.room() - len(self._waiting)
+        """What the runner has room for, within the capacity the worker advertised.
+
+        Connections waiting here for a header do not take the runner's room (a thread, for
+        plain handlers): like clients that have sent nothing yet, a stalled header must not
+        keep the next connection out. The capacity (the primary's credits) bounds them.
+        """
+        return min(self.runner.room(), self._capacity - self.active)
 
     def start(self, fd: int) -> None:
         self.active += 1
