@@ -194,3 +194,9 @@ def burn_app(conn: socket.socket, addr: Any) -> None:
         while time.process_time() < end:
             pass
     conn.sendall(_response(f"pid {os.getpid()}"))
+
+
+def banner_app(conn: socket.socket, addr: Any) -> None:
+    """Speaks first: a banner naming the client address it was given, then closes."""
+    host, port = (addr[0], addr[1]) if isinstance(addr, tuple) else (repr(addr), 0)
+    conn.sendall(f"220 addr {host} {port}\r\n".encode())

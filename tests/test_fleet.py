@@ -294,3 +294,15 @@ def test_agent_and_probe_ports_shrug_off_floods_idle_clients_and_garbage() -> No
             sock.close()
         wait_for(lambda: fd_count(server.pid) <= fds, 10, what="the primary's descriptors back")
         assert server.proc.poll() is None
+
+
+def test_server_speaks_first_serves_untrusted_clients_at_once() -> None:
+    with ServerProcess("tests.apps:banner_app", server_speaks_first=True, proxy_protocol="v1",
+                       proxy_allow="127.0.0.1/32", client_timeout=5.0) as server:
+        started = time.monotonic()
+        # A direct client that waits for the banner, sending nothing: served at once.
+        assert exchange(server.address, b"", source="127.0.0.2").split()[:3] == [b"220", b"addr", b"127.0.0.2"]
+        assert time.monotonic() - started < 2
+        # The balancer's header comes first, as always.
+        header = v1_header(("203.0.113.9", 1), ("10.0.0.1", 80))
+        assert exchange(server.address, header).split()[2:4] == [b"203.0.113.9", b"1"]

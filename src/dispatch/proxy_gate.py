@@ -10,7 +10,8 @@ tell what it is, for at most ``client_timeout`` seconds (5 when that is off):
   (:mod:`dispatch.peers`); no header, a malformed one, or one of a version not asked
   for closes the connection;
 - from anyone else, a header closes the connection (a client must not name its own
-  address); any other bytes are left unread and the connection is served as it is.
+  address); any other bytes are left unread and the connection is served as it is
+  (at once with ``server_speaks_first``: such a client waits for the server's banner).
 
 Every refusal is one debug line. The header is read with ``MSG_PEEK`` and then
 consumed exactly, so the application's bytes after it are never touched.
@@ -77,6 +78,7 @@ class ProxyGate:
         self._versions = VERSIONS[config.proxy_protocol]
         self._networks = parse_networks(config.proxy_allow, "proxy_allow")
         self._timeout = config.client_timeout or DEFAULT_TIMEOUT
+        self._server_speaks_first = config.server_speaks_first
         self._waiting: dict[int, _Waiting] = {}
         self._capacity = 0  # set by limits(), before the first connection
         self.refused = 0
@@ -107,7 +109,15 @@ class ProxyGate:
             sock.close()
             self._finished()
             return
-        waiting = _Waiting(sock, self._loop.call_later(self._timeout, self._expired, fd), trusted(peer, self._networks), peer)
+        is_trusted = trusted(peer, self._networks)
+        if not is_trusted and self._server_speaks_first:
+            # Its client waits for our banner: nothing to look at. Whatever it sends later,
+            # a PROXY header included, is the handler's data, never an address.
+            sock.detach()
+            peers.record(fd, None)
+            self.runner.start(fd)
+            return
+        waiting = _Waiting(sock, self._loop.call_later(self._timeout, self._expired, fd), is_trusted, peer)
         self._waiting[fd] = waiting
         self._look(waiting)
 
