@@ -200,3 +200,13 @@ def banner_app(conn: socket.socket, addr: Any) -> None:
     """Speaks first: a banner naming the client address it was given, then closes."""
     host, port = (addr[0], addr[1]) if isinstance(addr, tuple) else (repr(addr), 0)
     conn.sendall(f"220 addr {host} {port}\r\n".encode())
+
+
+async def async_addr_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The coroutine handler's way to the client address: ``dispatch.client_address``."""
+    import dispatch
+
+    await reader.readuntil(b"\r\n\r\n")
+    addr = dispatch.client_address(writer.get_extra_info("socket"))
+    writer.write(_response(f"pid {os.getpid()} addr {addr[0]} {addr[1]}"))
+    await writer.drain()

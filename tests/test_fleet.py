@@ -306,3 +306,10 @@ def test_server_speaks_first_serves_untrusted_clients_at_once() -> None:
         # The balancer's header comes first, as always.
         header = v1_header(("203.0.113.9", 1), ("10.0.0.1", 80))
         assert exchange(server.address, header).split()[2:4] == [b"203.0.113.9", b"1"]
+
+
+def test_coroutine_handlers_ask_dispatch_client_address() -> None:
+    with ServerProcess("tests.apps:async_addr_app", proxy_protocol="auto") as server:
+        answer = exchange(server.address, v2_header(("203.0.113.9", 4242), ("10.0.0.1", 80)) + GET)
+        assert client_of(answer) == ("203.0.113.9", 4242)
+        assert client_of(exchange(server.address, GET, source="127.0.0.2"))[0] == "127.0.0.2"

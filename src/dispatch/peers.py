@@ -9,9 +9,16 @@ look-up costs one truth test.
 
 from __future__ import annotations
 
-import socket
+from typing import Any, Protocol
 
 from dispatch.proxy_protocol import Address
+
+
+class Socket(Protocol):
+    """A ``socket.socket``, or asyncio's ``transport.get_extra_info("socket")``."""
+
+    def fileno(self) -> int: ...
+    def getpeername(self) -> Any: ...
 
 _clients: dict[int, Address] = {}
 
@@ -29,9 +36,13 @@ def proxied(fd: int) -> Address | None:
     return _clients.get(fd) if _clients else None
 
 
-def client_address(sock: socket.socket) -> object:
+def client_address(sock: Socket) -> Any:
     """The client's address: from its PROXY header if it had one, else ``getpeername()``
-    (None when there is none, or the connection is already gone)."""
+    (None when there is none, or the connection is already gone).
+
+    Plain handlers get it as ``addr`` and web apps as the ASGI client; coroutine and
+    protocol handlers ask with ``dispatch.client_address(writer.get_extra_info("socket"))``.
+    """
     if _clients:
         real = _clients.get(sock.fileno())
         if real is not None:
