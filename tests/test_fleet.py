@@ -313,3 +313,23 @@ def test_coroutine_handlers_ask_dispatch_client_address() -> None:
         answer = exchange(server.address, v2_header(("203.0.113.9", 4242), ("10.0.0.1", 80)) + GET)
         assert client_of(answer) == ("203.0.113.9", 4242)
         assert client_of(exchange(server.address, GET, source="127.0.0.2"))[0] == "127.0.0.2"
+
+
+def test_websockets_see_the_client_from_the_header() -> None:
+    pytest.importorskip("uvicorn")
+    from websockets.sync.client import connect as ws_connect
+
+    with ServerProcess("tests.web_apps:starlette_app", interface="asgi", proxy_protocol="v2") as server:
+        host, _, port = server.address.rpartition(":")
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(v2_header(("203.0.113.77", 5555), ("10.0.0.1", 80)))
+        with ws_connect(f"ws://{server.address}/ws-client", sock=sock, open_timeout=10) as ws:
+            assert ws.recv(timeout=10) == "203.0.113.77"
+
+
+@pytest.mark.parametrize("balance", ["shared", "reuseport"])
+def test_kernel_modes_read_the_header_too(balance: str) -> None:
+    with ServerProcess("tests.apps:addr_app", balance=balance, proxy_protocol="v1") as server:
+        server.wait_ready(2)  # reuseport: the workers' own listeners exist once they are ready
+        answer = exchange(server.address, v1_header(("203.0.113.9", 4242), ("10.0.0.1", 80)) + GET)
+        assert client_of(answer) == ("203.0.113.9", 4242)
