@@ -257,3 +257,4 @@ def test_max_connections_bounds_an_async_worker(mode: str) -> None:
         assert len(started) == len(finished) == 3
         # Two ran at once; the third started only once one of them had finished.
         assert started[1] < finished[0] <= started[2]
+

@@ -46,7 +46,8 @@ class Harness:
         balance = balance or "round-robin"
         policy = make_policy(balance) if isinstance(balance, str) else balance
         self.dispatcher = Dispatcher(policy, self.server.workers,
-                                     self.reactor, self.server.counters, FailureLog(logging.getLogger("dispatch")), 16, 16)
+                                     self.reactor, self.server.counters, FailureLog(logging.getLogger("dispatch")), 16, 16,
+                                     self.server.config.skip_busy)
         self.dispatcher.budget = 10_000
         self.server._dispatcher = self.dispatcher
         self.fleet = Fleet(self.server.config, self.server.supervisor, self.reactor, self.server.workers,
@@ -279,3 +280,56 @@ def test_a_failed_start_leaves_nothing_behind_and_can_be_retried(tmp_path: Any) 
         assert not pidfile.exists() and not sock_path.exists()
         assert signal.getsignal(signal.SIGTERM) is before
         assert server.listeners == [] and server.workers == {}
+
+
+# ------------------------------------------------------------------ skip_busy
+def test_a_worker_that_has_not_read_its_channel_is_passed_over(harness: Any) -> None:
+    h = harness()
+    a, b = h.worker(0), h.worker(1)
+    assert h.dispatch(1) == 0  # round-robin: to worker 0, which does not read it
+    assert _fdpass.unread_bytes(a.fd) > 0 and _fdpass.unread_bytes(b.fd) == 0
+    assert h.dispatch(4) == 0
+    assert (h.received(a), h.received(b)) == (1, 4)  # all four went to the reading worker
+    assert (a.skipped_busy, b.skipped_busy, h.server.counters.skipped_busy) == (1, 0, 1)
+
+
+def test_when_every_worker_is_behind_the_policy_splits_as_usual(harness: Any) -> None:
+    h = harness()
+    a, b = h.worker(0), h.worker(1)
+    h.dispatch(1)
+    h.dispatch(1)  # worker 0 had not read: to worker 1; now both are behind
+    assert h.dispatch(4) == 0
+    assert (h.received(a), h.received(b)) == (3, 3)
+    assert h.server.counters.skipped_busy == 1
+
+
+def test_skip_busy_off_is_plain_push(harness: Any) -> None:
+    h = harness(skip_busy=False)
+    a, b = h.worker(0), h.worker(1)
+    h.dispatch(1)
+    h.dispatch(4)
+    assert (h.received(a), h.received(b)) == (3, 2)
+    assert a.skipped_busy == b.skipped_busy == 0
+
+
+def test_least_connections_and_sticky_pass_over_a_worker_that_is_not_reading(harness: Any) -> None:
+    for balance in ("least-connections", Sticky()):
+        h = harness(balance=balance)
+        a, b = h.worker(0), h.worker(1)
+        # A message worker 0 has not read, while its count says it holds nothing: the
+        # stale view a push model works from (a blocked loop cannot report).
+        _fdpass.send_fds(a.fd, h.connections(1), 0, 1, protocol.encode_fds(1), 0, True)
+        to_b = 0
+        for _ in range(3):
+            h.dispatch(1)
+            to_b += h.received(b)  # worker 1 reads what it gets; worker 0 never does
+            h.dispatcher.on_done(b, 1)
+        assert (h.received(a), to_b) == (1, 3), balance
+        assert a.skipped_busy == 3, balance
+    h = harness(balance="least-connections", skip_busy=False)  # the same, pushed blind
+    a, b = h.worker(0), h.worker(1)
+    _fdpass.send_fds(a.fd, h.connections(1), 0, 1, protocol.encode_fds(1), 0, True)
+    for _ in range(3):
+        h.dispatch(1)
+        h.dispatcher.on_done(b, h.received(b))
+    assert h.received(a) > 1

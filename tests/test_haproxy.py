@@ -265,7 +265,7 @@ backend app
                 thread.start()
             try:
                 weights: list[Any] = []
-                wait_for(lambda: weights.append(lb.weight("app", "s1")) or weights[-1] <= 50, 20,
+                wait_for(lambda: weights.append(lb.weight("app", "s1")) or weights[-1] <= 60, 20,
                          interval=0.2, what="haproxy's weight to fall under load")
             finally:
                 stop = 0

@@ -43,7 +43,7 @@ CLUSTER_FIELDS = {
 }
 WORKER_FIELDS = {
     "id", "pid", "state", "stalled", "uptime_s", "memory_rss", "cpu_percent", "connections_total",
-    "connections_active", "heartbeat_age_s", "restarts",
+    "connections_active", "heartbeat_age_s", "restarts", "skipped_busy",
 }
 
 
@@ -141,7 +141,8 @@ def fake_worker(worker_id: int, pid: int, state: str = "ready", sent: int = 0,
                 report: Heartbeat | None = None) -> SimpleNamespace:
     """A ``dispatch.health.WorkerView``: exactly the names the views may read."""
     return SimpleNamespace(worker_id=worker_id, pid=pid, state=state, sent=sent, report=report,
-                           stalled=False, started_at=time.time() - 2.0, last_seen=time.monotonic() - 0.5)
+                           stalled=False, started_at=time.time() - 2.0, last_seen=time.monotonic() - 0.5,
+                           skipped_busy=0)
 
 
 def fake_primary(workers: list[SimpleNamespace] | None = None) -> SimpleNamespace:
@@ -335,6 +336,8 @@ FAMILIES = [
     ("dispatch_worker_connections_active", "gauge", "Connections each worker is handling (last heartbeat)."),
     ("dispatch_worker_connections", "counter", "Connections passed to (kernel modes: handled by) each worker."),
     ("dispatch_worker_cpu_seconds", "counter", "User+system CPU time of each worker (last heartbeat)."),
+    ("dispatch_worker_skipped_busy", "counter", "Batches each worker was passed over for: it had not read the "
+     "connections it was given while another had (skip_busy)."),
     ("dispatch_worker_heartbeat_age_seconds", "gauge", "Seconds since each worker was last heard from."),
 ]
 
@@ -494,7 +497,7 @@ def test_the_primary_has_every_name_the_views_read() -> None:
     def members(protocol: type) -> list[str]:
         return [name for name, value in vars(protocol).items() if isinstance(value, property)]
 
-    assert len(members(PrimaryView)) == 11 and len(members(WorkerView)) == 8
+    assert len(members(PrimaryView)) == 11 and len(members(WorkerView)) == 9
     server = Server("tests.apps:pid_app", workers=1)  # not started: nothing bound or forked
     assert [name for name in members(PrimaryView) if not hasattr(server, name)] == []
     assert [name for name in members(WorkerView)

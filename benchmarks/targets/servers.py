@@ -39,11 +39,13 @@ def free_port() -> int:
 
 
 def server_command(target: str, port: int, workers: int, log_level: str = "warning",
-                   dispatch_args: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
-    """The command line of one target; ``log_level`` and ``dispatch_args`` apply to dispatch only."""
+                   dispatch_args: tuple[str, ...] = (), app: str = "dispatch.demo:app",
+                   ) -> tuple[list[str], dict[str, str]]:
+    """The command line of one target; ``log_level``, ``dispatch_args`` and ``app`` apply to
+    dispatch only."""
     env = dict(os.environ)
     if target in DISPATCH_MODES:
-        cmd = [sys.executable, "-m", "dispatch", "dispatch.demo:app", "--workers", str(workers),
+        cmd = [sys.executable, "-m", "dispatch", app, "--workers", str(workers),
                "--bind", f"127.0.0.1:{port}", "--balance", target, "--log-level", log_level,
                *dispatch_args]
     elif target in ("node-rr", "node-none"):
@@ -66,9 +68,9 @@ def server_command(target: str, port: int, workers: int, log_level: str = "warni
 
 
 def display_command(target: str, workers: int, log_level: str = "warning",
-                    dispatch_args: tuple[str, ...] = ()) -> str:
+                    dispatch_args: tuple[str, ...] = (), app: str = "dispatch.demo:app") -> str:
     """The command of ``target`` as the reports show it: PORT for the port, paths from the repo."""
-    cmd, _ = server_command(target, 0, workers, log_level, dispatch_args)
+    cmd, _ = server_command(target, 0, workers, log_level, dispatch_args, app)
     text = shlex.join(["python" if c == sys.executable else c for c in cmd]).replace(":0", ":PORT")
     if target in FLOORS:
         text = text.replace("127.0.0.1 0 ", "127.0.0.1 PORT ")
@@ -96,6 +98,7 @@ class Server:
     log_level: str = "warning"
     dispatch_args: tuple[str, ...] = ()
     health_port: int | None = None  # dispatch started with --health 127.0.0.1:health_port
+    app: str = "dispatch.demo:app"  # what dispatch serves
 
     @property
     def pid(self) -> int:
@@ -104,7 +107,8 @@ class Server:
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         """The command line and environment this server starts with."""
-        return server_command(self.target, self.port, self.workers, self.log_level, self.dispatch_args)
+        return server_command(self.target, self.port, self.workers, self.log_level, self.dispatch_args,
+                              self.app)
 
     def start(self, boot_timeout: float) -> None:
         cmd, env = self.command()

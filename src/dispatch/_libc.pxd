@@ -9,9 +9,18 @@ cdef extern from "<errno.h>" nogil:
         ECONNABORTED
         EPROTO
         EPERM
+        ENOSYS
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
+    long syscall(long number, ...)
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+cdef extern from "<linux/sockios.h>" nogil:
+    enum:
+        SIOCOUTQ
 
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:

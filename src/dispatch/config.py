@@ -62,6 +62,7 @@ class Config:
     preload: bool = default("preload")
     log_level: str = default("log_level")
     accept_batch: int = default("accept_batch")
+    skip_busy: bool = default("skip_busy")
     ssl: _ssl.SSLContext | None = default("ssl")
     user: str | int | None = default("user")
     group: str | int | None = default("group")

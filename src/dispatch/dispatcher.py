@@ -43,13 +43,14 @@ class Dispatcher:
 
     def __init__(self, policy: Policy | ConnectionPolicy, workers: dict[int, WorkerHandle],
                  reactor: Reactor, counters: Counters, failures: FailureLog, accept_batch: int,
-                 backlog: int) -> None:
+                 backlog: int, skip_busy: bool = True) -> None:
         self.workers = workers
         self.policy = GuardedPolicy(policy, self._policy_failed)
         self.reactor = reactor
         self.counters = counters
         self.failures = failures
         self.backlog = backlog
+        self.skip_busy = skip_busy
         self.targets: list[WorkerHandle] = []  # who can take a connection now
         self.pending: array.array[int] = array.array("i")  # accepted or taken back, not yet passed on
         self.accepting = False
@@ -175,7 +176,10 @@ class Dispatcher:
             if room <= 0:
                 self._inflight_full()
                 break
+            unchanged = self.targets
             targets = self.targets
+            if self.skip_busy and len(targets) > 1:
+                targets = self._reading(targets)
             batch = count if count <= room else room
             loads = [w.sent - w.done for w in targets] if self.policy.needs_loads else ()
             shares = self.policy.assign(batch, loads, len(targets))
@@ -210,7 +214,7 @@ class Dispatcher:
                     share -= chunk
             if credit_spent:
                 self.rebuild_targets()
-            elif self.targets is targets and self.outstanding < self.budget:
+            elif self.targets is unchanged and self.outstanding < self.budget:
                 break  # nothing changed and nothing is left to try this time
         return start, count
 
@@ -221,6 +225,8 @@ class Dispatcher:
                 self._inflight_full()
                 break
             targets = self.targets
+            if self.skip_busy and len(targets) > 1:
+                targets = self._reading(targets)
             ids = [w.worker_id for w in targets]
             loads = [w.sent - w.done for w in targets]
             worker = targets[self.policy.choose(_client_host(buf[start]), ids, loads)]
@@ -245,6 +251,28 @@ class Dispatcher:
             if worker.capacity and worker.sent - worker.done >= worker.capacity:
                 self.rebuild_targets()
         return start, count
+
+    def _reading(self, targets: list[WorkerHandle]) -> list[WorkerHandle]:
+        """The targets that have read everything passed to them, when some have not:
+        connections go only to workers whose loop is taking them now (a pull model,
+        read from the channel's unread bytes: no message, no lag). When all are
+        behind, all stay targets and credits bound each one."""
+        unread = _fdpass.unread_bytes
+        reading = []
+        for worker in targets:
+            try:
+                if unread(worker.fd):
+                    continue
+            except OSError:
+                pass  # cannot tell: treat it as reading; a broken channel shows on send
+            reading.append(worker)
+        if not reading or len(reading) == len(targets):
+            return targets
+        for worker in targets:
+            if worker not in reading:
+                worker.skipped_busy += 1
+        self.counters.skipped_busy += len(targets) - len(reading)
+        return reading
 
     def dispatch_pending(self) -> None:
         start, _ = self.dispatch(self.pending, 0, len(self.pending))

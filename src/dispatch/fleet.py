@@ -57,7 +57,8 @@ class Fleet:
         """Carry out a ``Spawn``; a fork that fails is a failed boot, never a crash."""
         listeners = [] if self.config.user_space else self._listeners
         try:
-            worker = fork_worker(self.config, worker_id, self._inherited_fds(), listeners)
+            worker = fork_worker(self.config, worker_id, self._inherited_fds(), listeners,
+                                 connection_family(self._listeners))
         except OSError as exc:
             self.counters.spawn_errors += 1
             log.error("worker %d: cannot start a process: %s", worker_id, exc)
@@ -221,3 +222,9 @@ class Fleet:
                 pass
             worker.close()
         self.workers.clear()
+
+
+def connection_family(listeners: list[socket.socket]) -> int:
+    """The address family of every connection these listeners accept; 0 when they differ."""
+    families = {sock.family for sock in listeners}
+    return int(families.pop()) if len(families) == 1 else 0

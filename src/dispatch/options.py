@@ -9,6 +9,7 @@ step), and the code that uses it.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -275,6 +276,13 @@ OPTIONS: tuple[Option, ...] = (
            cli={"choices": LOG_LEVELS}),
     Option("accept_batch", 256, _int(1, 4096),
            "most connections accepted per wakeup of the primary", cli={"type": int}),
+    Option("skip_busy", True, _bool,
+           "user-space modes: pass over a worker that has not read what it was already given "
+           "(its channel holds unread connections, seen with `SIOCOUTQ`) while another worker's "
+           "channel is empty, so a connection never waits behind a blocked event loop; "
+           "`/cluster-health` counts the skips per worker",
+           cli={"action": argparse.BooleanOptionalAction}, cli_help="pass over workers that have not "
+           "read what they were given (--no-skip-busy: plain push)"),
     Option("ssl", None, _ssl,
            "an `ssl.SSLContext`; the TLS handshake runs in the worker, never in the primary "
            "(CLI: `--certfile`, `--keyfile`)",
@@ -367,6 +375,7 @@ class Options(TypedDict, total=False):
     preload: bool
     log_level: str
     accept_batch: int
+    skip_busy: bool
     ssl: SSLContext | None
     user: str | int | None
     group: str | int | None

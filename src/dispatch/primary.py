@@ -173,7 +173,8 @@ class Server:
                             lambda *args: self._run_hook("on_worker_exit", *args))
         if self.config.policy is not None:  # a user-space mode
             self._dispatcher = Dispatcher(self.config.policy, self.workers, reactor, self.counters, self._failures,
-                                          self.config.accept_batch, self.config.backlog)
+                                          self.config.accept_batch, self.config.backlog,
+                                          self.config.skip_busy)
             self._fleet.dispatcher = self._dispatcher
             for sock in self.listeners:
                 self._dispatcher.add_listener(sock)

@@ -28,7 +28,7 @@ class WorkerHandle:
     __slots__ = (
         "worker_id", "pid", "pidfd", "channel", "worker_end", "fd", "life", "sent", "done",
         "full", "drain_unsent", "report", "started_at", "request_limit", "capacity",
-        "max_batch", "out_of_credit",
+        "max_batch", "out_of_credit", "skipped_busy",
     )
 
     def __init__(self, worker_id: int, pid: int, pidfd: int, channel: socket.socket,
@@ -50,6 +50,7 @@ class WorkerHandle:
         self.capacity = 0  # most connections outstanding (sent - done); 0: no limit; from Ready
         self.max_batch = _fdpass.SCM_MAX_FD  # descriptors per message
         self.out_of_credit = False  # holds ``capacity`` connections: gets nothing until Done
+        self.skipped_busy = 0  # batches it was passed over for: it had not read the last ones
 
     @property
     def state(self) -> Phase:
@@ -83,11 +84,12 @@ class WorkerHandle:
 
 
 def fork_worker(config: Config, worker_id: int, inherited: Sequence[int],
-                listeners: list[socket.socket]) -> WorkerHandle:
+                listeners: list[socket.socket], family: int = 0) -> WorkerHandle:
     """Fork one worker; on failure (``OSError``) nothing is left open and no child behind.
 
     ``inherited`` are the primary's descriptors the child closes at once;
-    ``listeners`` are the ones it keeps (kernel balancing modes).
+    ``listeners`` are the ones it keeps (kernel balancing modes); ``family`` is the
+    address family of every connection it will get (0: they differ).
     """
     primary_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -97,7 +99,7 @@ def fork_worker(config: Config, worker_id: int, inherited: Sequence[int],
             handler.flush()  # or the child would write the same buffered lines again
         pid = os.fork()
         if pid == 0:
-            worker_main(config, worker_id, worker_end, listeners, [*inherited, primary_end.fileno()])
+            worker_main(config, worker_id, worker_end, listeners, [*inherited, primary_end.fileno()], family)
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:

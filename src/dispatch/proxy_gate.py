@@ -27,7 +27,7 @@ from typing import Any
 
 from dispatch import peers, proxy_protocol
 from dispatch.config import Config
-from dispatch.runners import Done, Runner, RunnerFactory
+from dispatch.runners import Done, Runner, RunnerFactory, adopt
 from dispatch.values import parse_networks, trusted
 
 log = logging.getLogger("dispatch.worker")
@@ -69,9 +69,11 @@ class ProxyGate:
     """
 
     def __init__(self, make_runner: RunnerFactory, loop: asyncio.AbstractEventLoop,
-                 handler: Callable[..., Any], config: Config, worker_id: int, done: Done) -> None:
+                 handler: Callable[..., Any], config: Config, worker_id: int, done: Done,
+                 family: int = 0) -> None:
         self.active = 0  # connections in hand: waiting here, or in the runner
-        self.runner = make_runner(loop, handler, config, worker_id, self._finished)
+        self.runner = make_runner(loop, handler, config, worker_id, self._finished, family)
+        self._family = family
         self._loop = loop
         self._worker_id = worker_id
         self._done = done
@@ -99,7 +101,7 @@ class ProxyGate:
 
     def start(self, fd: int) -> None:
         self.active += 1
-        sock = socket.socket(fileno=fd)
+        sock = adopt(fd, self._family)
         sock.setblocking(False)
         try:
             peer = sock.getpeername()
@@ -237,8 +239,8 @@ class ProxyGate:
 
 
 def make_runner(make: RunnerFactory, loop: asyncio.AbstractEventLoop, handler: Callable[..., Any],
-                config: Config, worker_id: int, done: Done) -> Runner:
+                config: Config, worker_id: int, done: Done, family: int = 0) -> Runner:
     """The runner ``make`` builds, behind a gate when ``config.proxy_protocol`` is on."""
     if config.proxy_protocol == "off":
-        return make(loop, handler, config, worker_id, done)
-    return ProxyGate(make, loop, handler, config, worker_id, done)
+        return make(loop, handler, config, worker_id, done, family)
+    return ProxyGate(make, loop, handler, config, worker_id, done, family)

@@ -99,36 +99,37 @@ class ChannelSource:
         self.closed = True
 
     def _on_readable(self) -> None:
-        while True:
-            got = _fdpass.recv_fds(self._fd, BATCH)
-            if got is None:
-                return
-            data, fds, flags = got
-            if not data:
-                self._drain("the primary closed the channel")
-                return
-            try:
-                message = protocol.decode_from(data, protocol.TO_WORKER)
-            except protocol.ProtocolError as exc:
-                for fd in fds:
-                    os.close(fd)
-                log.error("worker %d: bad message from the primary: %s", self._worker_id, exc)
-                continue
-            if isinstance(message, protocol.Fds):
-                if flags & _fdpass.CTRUNC or len(fds) != message.count:
-                    lost = message.count - len(fds)
-                    self.dropped += lost
-                    log.error("worker %d: %d descriptors were dropped in transit (RLIMIT_NOFILE?)", self._worker_id, lost)
-                    self._lost(lost)
-                for fd in fds:
-                    self._start(fd)
-                # The rest waits in the channel, where the primary can take it back.
-                if self._pause_when_full and self._room() <= 0:
-                    self.pause()
-                    return
-            elif isinstance(message, protocol.Drain):
-                self._drain("asked by the primary")
-                return
+        # One message per pass of the loop: the connections it carries start, and the
+        # loop runs them before the next message is taken. A handler that blocks the
+        # loop then traps one message's connections, not the channel's; the rest stay
+        # unread, where the primary sees them (skip_busy) and can take them back.
+        got = _fdpass.recv_fds(self._fd, BATCH)
+        if got is None:
+            return
+        data, fds, flags = got
+        if not data:
+            self._drain("the primary closed the channel")
+            return
+        try:
+            message = protocol.decode_from(data, protocol.TO_WORKER)
+        except protocol.ProtocolError as exc:
+            for fd in fds:
+                os.close(fd)
+            log.error("worker %d: bad message from the primary: %s", self._worker_id, exc)
+            return
+        if isinstance(message, protocol.Fds):
+            if flags & _fdpass.CTRUNC or len(fds) != message.count:
+                lost = message.count - len(fds)
+                self.dropped += lost
+                log.error("worker %d: %d descriptors were dropped in transit (RLIMIT_NOFILE?)", self._worker_id, lost)
+                self._lost(lost)
+            for fd in fds:
+                self._start(fd)
+            # The rest waits in the channel, where the primary can take it back.
+            if self._pause_when_full and self._room() <= 0:
+                self.pause()
+        elif isinstance(message, protocol.Drain):
+            self._drain("asked by the primary")
 
 
 class ListenerSource:

@@ -64,8 +64,10 @@ class Worker:
         channel: socket.socket,
         listeners: list[socket.socket],
         handler: Callable[..., Any],
+        family: int = 0,
     ) -> None:
         self.config = config
+        self.family = family  # of every connection (0: listeners of several families)
         self.worker_id = worker_id
         self.channel = channel
         self._listeners = listeners  # kernel modes; the listener source owns them once it runs
@@ -109,7 +111,7 @@ class Worker:
         self._loop = loop = asyncio.get_running_loop()
         self._finished = loop.create_future()
         self.runner = proxy_gate.make_runner(self._make_runner, loop, self.handler, self.config,
-                                             self.worker_id, self._completed)
+                                             self.worker_id, self._completed, self.family)
         try:
             await self.runner.startup()
         except StartupFailed as exc:  # the application logged its own error

@@ -42,6 +42,7 @@ def worker_main(
     channel: socket.socket,
     listeners: list[socket.socket],
     inherited_fds: list[int],
+    family: int = 0,
 ) -> NoReturn:
     """Run a worker in a freshly forked child; never returns.
 
@@ -57,7 +58,7 @@ def worker_main(
             config.on_worker_start(worker_id)
         try:
             handler = load_handler(config.handler)
-            worker = Worker(config, worker_id, channel, listeners, handler)
+            worker = Worker(config, worker_id, channel, listeners, handler, family)
         except CannotServe as exc:  # an ambiguous app, a missing extra: the message says it all
             log.error("worker %d (pid %d) cannot serve %r: %s", worker_id, os.getpid(), config.handler, exc)
             code = EXIT_BOOT_ERROR

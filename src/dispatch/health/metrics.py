@@ -112,6 +112,10 @@ class MetricsCollector:
                                     labels=labels)
         cpu = CounterMetricFamily("dispatch_worker_cpu_seconds",
                                   "User+system CPU time of each worker (last heartbeat).", labels=labels)
+        skipped = CounterMetricFamily("dispatch_worker_skipped_busy",
+                                      "Batches each worker was passed over for: it had not read the "
+                                      "connections it was given while another had (skip_busy).",
+                                      labels=labels)
         age = GaugeMetricFamily("dispatch_worker_heartbeat_age_seconds",
                                 "Seconds since each worker was last heard from.", labels=labels)
         now = time.monotonic()
@@ -121,5 +125,6 @@ class MetricsCollector:
             active.add_metric(values, w.report.active if w.report is not None else 0)
             total.add_metric(values, worker_connections_total(w))
             cpu.add_metric(values, w.report.cpu_ms / 1000 if w.report is not None else 0)
+            skipped.add_metric(values, w.skipped_busy)
             age.add_metric(values, max(0.0, now - w.last_seen))
-        yield from (rss, active, total, cpu, age)
+        yield from (rss, active, total, cpu, skipped, age)

@@ -37,6 +37,9 @@ class WorkerView(Protocol):
     def sent(self) -> int:
         """Connections passed to it (user-space modes)."""
     @property
+    def skipped_busy(self) -> int:
+        """Batches it was passed over for, not having read what it was given (skip_busy)."""
+    @property
     def report(self) -> Heartbeat | None:
         """Its last heartbeat, None before the first."""
 

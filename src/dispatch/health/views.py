@@ -35,6 +35,7 @@ class WorkerEntry(TypedDict):
     connections_active: int
     heartbeat_age_s: float
     restarts: int
+    skipped_busy: int
 
 
 class ClusterHealth(TypedDict):
@@ -108,6 +109,7 @@ class ClusterHealthView:
                 "connections_active": w.report.active if w.report is not None else 0,
                 "heartbeat_age_s": round(mono - w.last_seen, 3),
                 "restarts": slot.restarts if slot is not None else 0,
+                "skipped_busy": w.skipped_busy,
             })
         return {
             "primary_pid": os.getpid(),

@@ -105,6 +105,7 @@ class RunnerFactory(Protocol):
         config: Config,
         worker_id: int,
         done: Done,
+        family: int = 0,
     ) -> Runner: ...
 
 
@@ -122,9 +123,11 @@ class LoopRunner(NoLifespan):
         config: Config,
         worker_id: int,
         done: Done,
+        family: int = 0,
     ) -> None:
         self.active = 0
         self.capacity = 0
+        self._family = family
         self._loop = loop
         self._handler = handler
         self._worker_id = worker_id
@@ -160,6 +163,19 @@ class LoopRunner(NoLifespan):
         (Inline, not a helper: one call less per connection on the hot path.)
         """
         raise NotImplementedError
+
+
+def adopt(fd: int, family: int) -> socket.socket:
+    """A socket object for connection ``fd``, a non-blocking stream socket.
+
+    ``family`` is the address family every connection of this worker has (0 when
+    its listeners differ): given it, the object costs no system call, where
+    ``socket.socket(fileno=fd)`` spends three finding out what we know.
+    """
+    if not family:
+        return socket.socket(fileno=fd)
+    proto = socket.IPPROTO_TCP if family in (socket.AF_INET, socket.AF_INET6) else 0
+    return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, proto, fd)
 
 
 def peer(sock: socket.socket) -> Any:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
-from dispatch.runners import LoopRunner, log, peer
+from dispatch.runners import LoopRunner, adopt, log, peer
 
 
 class StreamRunner(LoopRunner):
@@ -21,7 +20,7 @@ class StreamRunner(LoopRunner):
         loop = self._loop
         addr: Any = None
         try:
-            sock = socket.socket(fileno=fd)
+            sock = adopt(fd, self._family)
             addr = peer(sock)
             reader = asyncio.StreamReader(loop=loop)
             stream_protocol = asyncio.StreamReaderProtocol(reader, loop=loop)

@@ -26,7 +26,7 @@ from typing import Any
 
 from dispatch import _fdpass
 from dispatch.config import Config
-from dispatch.runners import Done, NoLifespan, log, peer
+from dispatch.runners import Done, NoLifespan, adopt, log, peer
 
 #: Most connections waiting, on the loop, for their first bytes.
 IDLE_POOL = 1024
@@ -42,8 +42,10 @@ class ThreadRunner(NoLifespan):
         config: Config,
         worker_id: int,
         done: Done,
+        family: int = 0,
     ) -> None:
         self.active = 0  # connections in hand: waiting, queued or running
+        self._family = family
         self._loop = loop
         self._handler = handler
         self._worker_id = worker_id
@@ -75,7 +77,7 @@ class ThreadRunner(NoLifespan):
     def start(self, fd: int) -> None:
         """To a thread if it has bytes already (or the wait is off), else wait on the loop."""
         self.active += 1
-        conn = socket.socket(fileno=fd)
+        conn = adopt(fd, self._family)
         if self.await_first_bytes and not _has_input(conn):
             self._wait_for_bytes(conn)
         else:

@@ -18,12 +18,11 @@ WSGI apps run through ``a2wsgi.WSGIMiddleware`` in a pool of ``threads`` threads
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from typing import Any, Literal
 
 from dispatch.config import Config
-from dispatch.runners import Done, LoopRunner, StartupFailed, log
+from dispatch.runners import Done, LoopRunner, StartupFailed, adopt, log
 from dispatch.web.uvicorn_bridge import UvicornApp, route_logs
 
 #: A draining worker closes a keep-alive connection idle (no request in progress, nothing
@@ -49,8 +48,9 @@ class AsgiRunner(LoopRunner):
         config: Config,
         worker_id: int,
         done: Done,
+        family: int = 0,
     ) -> None:
-        super().__init__(loop, handler, config, worker_id, done)
+        super().__init__(loop, handler, config, worker_id, done, family)
         route_logs(config.access_log)
         self.app = UvicornApp(
             self.asgi_app(handler, config), loop=loop, lost=self._lost, http=config.http,
@@ -73,7 +73,7 @@ class AsgiRunner(LoopRunner):
     def start(self, fd: int) -> None:
         """Hand ``fd`` to uvicorn's HTTP protocol; done when its transport closes."""
         self.active += 1
-        task = self._loop.create_task(self._connect(self._factory, socket.socket(fileno=fd), ssl=self._ssl))
+        task = self._loop.create_task(self._connect(self._factory, adopt(fd, self._family), ssl=self._ssl))
         self._connecting.add(task)
         task.add_done_callback(self._connected)
 

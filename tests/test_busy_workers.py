@@ -1,0 +1,76 @@
+"""skip_busy with real processes: a worker whose event loop is blocked gets no new connections."""
+
+from __future__ import annotations
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+
+from tests.helpers import ServerProcess, request, wait_for
+
+BURN_MS = 3000
+FAST = 12
+SLOW = 1.0  # seconds: a quick request that took this long waited for the burn
+
+
+def _pid(body: str) -> int:
+    found = re.search(r"pid (\d+)", body)
+    assert found, body
+    return int(found.group(1))
+
+
+def _burning(workers: list[int]) -> int | None:
+    """The worker spending a whole core now (its loop is in the burn)."""
+    before = {pid: sum(psutil.Process(pid).cpu_times()[:2]) for pid in workers}
+    time.sleep(0.2)
+    for pid in workers:
+        if sum(psutil.Process(pid).cpu_times()[:2]) - before[pid] > 0.15:
+            return pid
+    return None
+
+
+@pytest.mark.parametrize("balance", ["round-robin", "least-connections"])
+def test_a_worker_whose_loop_is_blocked_gets_no_new_connections(balance: str) -> None:
+    waited, burning, skipped = _fast_requests_during_a_burn(balance, skip_busy=True)
+    # The blocked worker had read its last message before it blocked, so the first
+    # connection after may still be given to it; every later one sees it behind.
+    assert len([s for s in waited if s > SLOW]) <= 1, waited
+    if balance == "round-robin":  # least-connections avoids it anyway: it never reported done
+        assert skipped[burning] >= FAST - 2, skipped
+
+
+def test_without_skip_busy_connections_queue_behind_the_blocked_loop() -> None:
+    waited, burning, skipped = _fast_requests_during_a_burn("round-robin", skip_busy=False)
+    # Half go to the blocked worker, and wait in its channel until the burn ends or
+    # the primary takes them back from the silent worker (stall_after).
+    assert len([s for s in waited if s > SLOW]) >= FAST // 4, waited
+    assert set(skipped.values()) == {0}
+
+
+def _fast_requests_during_a_burn(balance: str, skip_busy: bool) -> tuple[list[float], int, dict[int, int]]:
+    """Block one worker's loop with a burn, send FAST quick requests while it lasts:
+    how long each took (s), the burning pid, and each worker's skipped_busy."""
+    with ServerProcess("dispatch.demo:app", workers=2, balance=balance, skip_busy=skip_busy) as server:
+        workers = server.wait_ready(2)
+        with ThreadPoolExecutor(FAST + 1) as pool:
+            burn = pool.submit(request, server.address, f"/burn?ms={BURN_MS}", 20)
+            burning = wait_for(lambda: _burning(workers), timeout=10, what="a worker burning")
+            started = time.monotonic()
+            fast = []
+            for _ in range(FAST):  # open loop: one every 20 ms, none waits for the last
+                fast.append(pool.submit(_timed_request, server.address))
+                time.sleep(0.02)
+            waited = [f.result(timeout=20) for f in fast]
+            assert _pid(burn.result(timeout=20)) == burning
+        assert time.monotonic() - started < BURN_MS / 1000 + 10
+        skipped = {w["pid"]: w["skipped_busy"] for w in server.cluster_health()["workers"]}
+        return waited, burning, skipped
+
+
+def _timed_request(address: str) -> float:
+    began = time.monotonic()
+    request(address, "/", 20)
+    return time.monotonic() - began
