@@ -176,3 +176,37 @@ async def concurrency_app(reader: asyncio.StreamReader, writer: asyncio.StreamWr
 def greeting_app(conn: socket.socket, addr: Any) -> None:
     """Speaks first, as SMTP or FTP servers do."""
     conn.sendall(f"hello from {os.getpid()}\r\n".encode())
+
+
+def addr_app(conn: socket.socket, addr: Any) -> None:
+    """Answers with the pid and the client address it was given (``addr``)."""
+    _read_head(conn)
+    host, port = (addr[0], addr[1]) if isinstance(addr, tuple) else (repr(addr), 0)
+    conn.sendall(_response(f"pid {os.getpid()} addr {host} {port}"))
+
+
+def burn_app(conn: socket.socket, addr: Any) -> None:
+    """``GET /burn/MS`` spends MS milliseconds of CPU before answering; others answer at once."""
+    head = _read_head(conn)
+    parts = head.split(b" ", 2)
+    if len(parts) > 1 and parts[1].startswith(b"/burn/"):
+        end = time.process_time() + int(parts[1][len(b"/burn/"):]) / 1000
+        while time.process_time() < end:
+            pass
+    conn.sendall(_response(f"pid {os.getpid()}"))
+
+
+def banner_app(conn: socket.socket, addr: Any) -> None:
+    """Speaks first: a banner naming the client address it was given, then closes."""
+    host, port = (addr[0], addr[1]) if isinstance(addr, tuple) else (repr(addr), 0)
+    conn.sendall(f"220 addr {host} {port}\r\n".encode())
+
+
+async def async_addr_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The coroutine handler's way to the client address: ``dispatch.client_address``."""
+    import dispatch
+
+    await reader.readuntil(b"\r\n\r\n")
+    addr = dispatch.client_address(writer.get_extra_info("socket"))
+    writer.write(_response(f"pid {os.getpid()} addr {addr[0]} {addr[1]}"))
+    await writer.drain()

@@ -163,6 +163,7 @@ def fake_primary(workers: list[SimpleNamespace] | None = None) -> SimpleNamespac
         accepting=True,
         pending_count=2,
         in_flight=5,
+        draining_reason=None,
     )
 
 
@@ -496,7 +497,7 @@ def test_the_primary_has_every_name_the_views_read() -> None:
     def members(protocol: type) -> list[str]:
         return [name for name, value in vars(protocol).items() if isinstance(value, property)]
 
-    assert len(members(PrimaryView)) == 10 and len(members(WorkerView)) == 9
+    assert len(members(PrimaryView)) == 11 and len(members(WorkerView)) == 9
     server = Server("tests.apps:pid_app", workers=1)  # not started: nothing bound or forked
     assert [name for name in members(PrimaryView) if not hasattr(server, name)] == []
     assert [name for name in members(WorkerView)

@@ -103,6 +103,13 @@ async def ws_echo(websocket: WebSocket) -> None:
         pass
 
 
+async def ws_client(websocket: WebSocket) -> None:
+    await websocket.accept()
+    assert websocket.client is not None
+    await websocket.send_text(websocket.client.host)
+    await websocket.close()
+
+
 starlette_app = Starlette(
     routes=[
         Route("/", home),
@@ -113,6 +120,7 @@ starlette_app = Starlette(
         Route("/client", client),
         Route("/sleep", sleep),
         WebSocketRoute("/ws", ws_echo),
+        WebSocketRoute("/ws-client", ws_client),
     ],
     lifespan=lifespan,
 )
@@ -136,6 +144,11 @@ _barrier = threading.Barrier(2, timeout=5)
 @flask_app.get("/")
 def flask_home() -> dict[str, Any]:
     return {"pid": os.getpid(), "framework": "flask"}
+
+
+@flask_app.get("/client")
+def flask_client() -> dict[str, Any]:
+    return {"host": request.remote_addr, "remote_addr": request.environ.get("REMOTE_ADDR")}
 
 
 @flask_app.post("/json")

@@ -25,6 +25,7 @@ from dispatch.config import Address, Config, Handler
 from dispatch.handlers import AsyncioProtocol
 from dispatch.listeners import BindError
 from dispatch.options import Options
+from dispatch.peers import client_address
 from dispatch.pidfile import PidfileError
 from dispatch.primary import BootError, Server
 from dispatch.protocol import ProtocolError
@@ -37,7 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Address", "AsyncioProtocol", "BindError", "BootError", "Config", "ConnectionPolicy", "Handler",
     "LeastConnections", "PidfileError", "Policy", "ProtocolError", "RoundRobin", "Server", "Sticky",
-    "configure_logging", "serve", "__version__",
+    "client_address", "configure_logging", "serve", "__version__",
 ]
 
 LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"

@@ -49,12 +49,15 @@ class Config:
     backlog: int = default("backlog")
     timeout: float = default("timeout")
     graceful_timeout: float = default("graceful_timeout")
+    drain_delay: float = default("drain_delay")
     boot_timeout: float = default("boot_timeout")
     max_requests: int = default("max_requests")
     max_requests_jitter: int = default("max_requests_jitter")
     max_memory: int = default("max_memory")
     restart_batch: int = default("restart_batch")
     health: str | None = default("health")
+    probe: str | None = default("probe")
+    agent: str | None = default("agent")
     pidfile: str | None = default("pidfile")
     preload: bool = default("preload")
     log_level: str = default("log_level")
@@ -69,6 +72,8 @@ class Config:
     proxy_headers: bool = default("proxy_headers")
     forwarded_allow_ips: str | None = default("forwarded_allow_ips")
     access_log: bool = default("access_log")
+    proxy_protocol: str = default("proxy_protocol")
+    proxy_allow: str | None = default("proxy_allow")
     on_starting: Callable[[Any], None] | None = default("on_starting")
     on_worker_start: Callable[[int], None] | None = default("on_worker_start")
     on_worker_exit: Callable[[int, int, str], None] | None = default("on_worker_exit")
@@ -77,6 +82,8 @@ class Config:
     # Derived in __post_init__, not arguments (dataclasses.replace computes them afresh).
     addresses: tuple[Address, ...] = field(init=False, repr=False, default=())
     health_address: Address | None = field(init=False, repr=False, default=None)
+    probe_address: Address | None = field(init=False, repr=False, default=None)
+    agent_address: Address | None = field(init=False, repr=False, default=None)
     uid: int | None = field(init=False, repr=False, default=None)
     gid: int | None = field(init=False, repr=False, default=None)
     #: The policy object in user-space modes (a fresh one for a mode name), None in kernel modes.
@@ -102,6 +109,8 @@ class Config:
         derived = {
             "addresses": addresses,
             "health_address": parse_health(self.health),
+            "probe_address": parse_health(self.probe, "probe"),
+            "agent_address": parse_health(self.agent, "agent"),
             "uid": lookup_user(self.user),
             "gid": lookup_group(self.group, self.user),  # the user's group unless told
             "policy": policy,

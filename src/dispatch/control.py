@@ -29,7 +29,15 @@ class Scale:
     delta: int
 
 
-Request = Stop | Reload | Scale
+@dataclass(frozen=True)
+class Maintenance:
+    """Say "not ready" to load balancers (``/readyz`` 503, agent ``drain``) while serving
+    on, or stop saying it; ``on=None`` turns it over (the signal)."""
+
+    on: bool | None = None
+
+
+Request = Stop | Reload | Scale | Maintenance
 
 #: The signals operators know (gunicorn's vocabulary).
 SIGNALS: dict[int, Request] = {
@@ -40,4 +48,5 @@ SIGNALS: dict[int, Request] = {
     signal.SIGUSR2: Reload(),
     signal.SIGTTIN: Scale(1),
     signal.SIGTTOU: Scale(-1),
+    signal.SIGUSR1: Maintenance(None),
 }

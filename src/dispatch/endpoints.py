@@ -1,4 +1,5 @@
-"""What the primary opens before anything is forked: listeners, the health endpoint, the pidfile.
+"""What the primary opens before anything is forked: listeners, the health, probe and agent
+endpoints, the pidfile.
 
 ``open()`` either opens all of them or raises (``BindError``, ``PidfileError``)
 with nothing left behind; ``close()`` undoes it and is safe to call twice.
@@ -16,7 +17,8 @@ from dispatch.pidfile import Pidfile
 from dispatch.systemd import listen_sockets
 
 if TYPE_CHECKING:
-    from dispatch.health import HealthServer
+    from dispatch.agent import AgentServer
+    from dispatch.health import HealthServer, ProbeServer
 
 log = logging.getLogger("dispatch")
 
@@ -27,10 +29,13 @@ class Endpoints:
     def __init__(self) -> None:
         self.listeners: list[socket.socket] = []
         self.health: HealthServer | None = None
+        self.probe: ProbeServer | None = None
+        self.agent: AgentServer | None = None
         self.pidfile: Pidfile | None = None
 
     def open(self, config: Config, server: Any) -> None:
-        """Bind (or take systemd's sockets), start the health endpoint, write the pidfile."""
+        """Bind (or take systemd's sockets), start the health, probe and agent endpoints, write
+        the pidfile."""
         try:
             self._open(config, server)
         except BaseException:
@@ -51,6 +56,15 @@ class Endpoints:
             from dispatch.health import HealthServer
 
             self.health = HealthServer(server, config.health_address)
+        if config.probe_address is not None:
+            from dispatch.health import ProbeServer
+
+            self.probe = ProbeServer(server, config.probe_address)
+        if config.agent_address is not None:
+            from dispatch.agent import AgentServer
+            from dispatch.load import weight
+
+            self.agent = AgentServer(config.agent_address, server.agent_status, weight)
         if config.pidfile:
             pidfile = Pidfile(config.pidfile)
             pidfile.create()
@@ -61,9 +75,13 @@ class Endpoints:
         """The addresses actually bound, in the order given (port 0 resolved)."""
         return [bound_name(sock) for sock in self.listeners if sock.fileno() >= 0]
 
+    def servers(self) -> list[HealthServer | ProbeServer | AgentServer]:
+        """The small servers living in the primary's loop: health, probe, agent."""
+        return [s for s in (self.health, self.probe, self.agent) if s is not None]
+
     def fds(self) -> list[int]:
-        """Descriptors a worker must not keep (the health server's)."""
-        return self.health.fds() if self.health is not None else []
+        """Descriptors a worker must not keep (the health, probe and agent servers')."""
+        return [fd for s in self.servers() for fd in s.fds()]
 
     def close_listeners(self) -> None:
         for sock in self.listeners:
@@ -72,7 +90,7 @@ class Endpoints:
 
     def close(self) -> None:
         self.close_listeners()
-        if self.health is not None:
-            self.health.close()
+        for s in self.servers():
+            s.close()
         if self.pidfile is not None:
             self.pidfile.remove()

@@ -24,6 +24,7 @@ from dispatch.values import lookup_group as lookup_group
 from dispatch.values import lookup_user as lookup_user
 from dispatch.values import parse_binds as parse_binds
 from dispatch.values import parse_health as parse_health
+from dispatch.values import parse_networks as parse_networks
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 #: What the handler is: detected in each worker after it is imported, unless given.
@@ -31,6 +32,8 @@ INTERFACES = ("auto", "asgi", "wsgi", "handler")
 #: The worker's event loop, and the HTTP parser of web apps, spelled as uvicorn spells them.
 LOOPS = ("auto", "asyncio", "uvloop")
 HTTP_PARSERS = ("auto", "httptools", "h11")
+#: Which PROXY protocol headers the workers read (``auto``: either version).
+PROXY_PROTOCOLS = ("off", "v1", "v2", "auto")
 
 #: A check gets the option's name and the given value; it raises TypeError/ValueError naming both.
 Check = Callable[[str, Any], None]
@@ -120,6 +123,14 @@ def _bind(name: str, value: Any) -> None:
 
 def _health(name: str, value: Any) -> None:
     parse_health(value)
+
+
+def _tcp_address(name: str, value: Any) -> None:
+    parse_health(value, name)
+
+
+def _networks(name: str, value: Any) -> None:
+    parse_networks(value, name)
 
 
 def _user(name: str, value: Any) -> None:
@@ -215,6 +226,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("graceful_timeout", 30.0, _seconds,
            "seconds a draining worker may take to finish its connections before it is killed",
            cli={"type": float}),
+    Option("drain_delay", 0.0, _seconds_or_off,
+           "seconds a graceful stop keeps accepting and serving after `/readyz` turned 503, so "
+           "that load balancers see it and stop sending first (what a Kubernetes `preStop: "
+           "sleep` does); then it drains as usual. A second stop signal stops at once",
+           cli={"type": float}, cli_help="seconds a graceful stop keeps serving after /readyz "
+           "turned 503, before it drains"),
     Option("boot_timeout", 30.0, _seconds,
            "seconds a new worker may take to import the handler and say ready",
            cli={"type": float}),
@@ -233,6 +250,17 @@ OPTIONS: tuple[Option, ...] = (
            '`"HOST:PORT"` for the health and metrics endpoints; a bare `"PORT"` or `":PORT"` '
            "means `127.0.0.1:PORT` (they expose internals)",
            cli={"metavar": "HOST:PORT"}, shown_default="off"),
+    Option("probe", None, _tcp_address,
+           '`"HOST:PORT"` serving only `/healthz` and `/readyz`, for a load balancer or '
+           "Kubernetes, while `/cluster-health` and `/metrics` stay on `health`; a bare "
+           '`"PORT"` means `127.0.0.1:PORT`',
+           cli={"metavar": "HOST:PORT"}, shown_default="off"),
+    Option("agent", None, _tcp_address,
+           '`"HOST:PORT"` answering HAProxy\'s `agent-check`: `up` with a weight from the '
+           "workers' load (`100%` idle, lower as they fill; never below `1%`), `drain` while "
+           "not ready or drained (`SIGUSR1`), `maint` once stopping (Running a fleet, below)",
+           cli={"metavar": "HOST:PORT"}, shown_default="off",
+           cli_help="HOST:PORT answering HAProxy's agent-check with state and a load weight"),
     Option("pidfile", None, _path,
            "write the primary's pid here after binding; removed on exit. Written under a fresh "
            "random name in its directory (`O_EXCL`, never following a symlink) and renamed into "
@@ -294,6 +322,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("access_log", False, _bool,
            "web apps: log one line per request (uvicorn's `uvicorn.access` logger)",
            cli={"action": "store_true"}),
+    Option("proxy_protocol", "off", _choice(PROXY_PROTOCOLS),
+           "read a PROXY protocol header (`v1`, `v2`, or `auto`: either) from each connection "
+           "of a sender in `proxy_allow`, in the worker, before the handler sees it: `addr`, "
+           "ASGI `client` and WSGI `REMOTE_ADDR` are then the real client. A sender in "
+           "`proxy_allow` without a valid header, or a header from anyone else, is closed "
+           "(a debug line); the header must arrive within `client_timeout` (5 s when that is 0)",
+           cli={"choices": PROXY_PROTOCOLS}, cli_help="read PROXY protocol headers from "
+           "--proxy-allow senders (v1, v2, auto: either)"),
+    Option("proxy_allow", "127.0.0.1,::1", _networks,
+           "comma-separated addresses or networks (CIDR) allowed to send PROXY headers, or "
+           '`"*"`; peers on unix sockets always are',
+           cli={"metavar": "CIDRS"}),
     _hook("on_starting", "hook `f(server)` in the primary, after binding, before the first fork"),
     _hook("on_worker_start", "hook `f(worker_id)` in each new worker, after fork, before the "
           "handler is imported (gunicorn's `post_fork`)"),
@@ -322,12 +362,15 @@ class Options(TypedDict, total=False):
     backlog: int
     timeout: float
     graceful_timeout: float
+    drain_delay: float
     boot_timeout: float
     max_requests: int
     max_requests_jitter: int
     max_memory: int
     restart_batch: int
     health: str | None
+    probe: str | None
+    agent: str | None
     pidfile: str | None
     preload: bool
     log_level: str
@@ -342,6 +385,8 @@ class Options(TypedDict, total=False):
     proxy_headers: bool
     forwarded_allow_ips: str | None
     access_log: bool
+    proxy_protocol: str
+    proxy_allow: str | None
     on_starting: Callable[[Any], None] | None
     on_worker_start: Callable[[int], None] | None
     on_worker_exit: Callable[[int, int, str], None] | None

@@ -21,12 +21,15 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from dispatch import control, supervisor
+from dispatch.balance import ConnectionPolicy
 from dispatch.config import Config, Handler
 from dispatch.counters import Counters
 from dispatch.dispatcher import Dispatcher
+from dispatch.drain import DrainState
 from dispatch.endpoints import Endpoints
 from dispatch.fleet import Fleet
 from dispatch.limits import raise_fd_limit
+from dispatch.load import LoadMeter
 from dispatch.logs import FailureLog
 from dispatch.options import Options
 from dispatch.processes import WorkerHandle, kill
@@ -35,6 +38,8 @@ from dispatch.systemd import Notifier, Readiness
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from dispatch.agent import Status
 
 log = logging.getLogger("dispatch")
 
@@ -73,6 +78,8 @@ class Server:
         self._stop_requested = 0
         self._notifier = Notifier()
         self._readiness = Readiness(self._notifier, self._balance_name())
+        self._drain = DrainState()
+        self._load = LoadMeter()
 
     # ================================================================ what others read
     @property
@@ -117,6 +124,22 @@ class Server:
         """Connections passed to workers and not yet reported done."""
         return self._dispatcher.outstanding if self._dispatcher else 0
 
+    @property
+    def draining_reason(self) -> str | None:
+        """Why ``/readyz`` says 503 while serving on: ``drain_delay`` or maintenance."""
+        return self._drain.reason
+
+    @property
+    def load(self) -> float | None:
+        """The ready workers' mean load, 0 to 1 (``dispatch.load``); None when none is ready."""
+        return self._load.load(self.workers)
+
+    def agent_status(self) -> Status:
+        """What the agent-check port reports (``dispatch.agent.Status``)."""
+        from dispatch.agent import Status
+
+        return Status(self.supervisor.stopping or self._drain.delaying, self._drain.maintenance, self.load)
+
     # ================================================================ setup
     def start(self, install_signal_handlers: bool = False) -> None:
         """Bind every address, then fork the workers.
@@ -156,8 +179,8 @@ class Server:
             for sock in self.listeners:
                 self._dispatcher.add_listener(sock)
             self._dispatcher.update_budget(self._fd_reserve())
-        if self.health is not None:
-            self.health.attach(reactor.register, reactor.unregister)
+        for side in self._endpoints.servers():
+            side.attach(reactor.register, reactor.unregister)
         if self.config.preload:
             from dispatch.handlers import load_handler
 
@@ -167,6 +190,10 @@ class Server:
         log.info("dispatch primary %d listening on %s (balance=%s, workers=%d)", os.getpid(),
                  ",".join(self.addresses), self._balance_name(), self.config.workers)
         log.log(fd_limit_level, fd_limit_note)  # after binding: a bind error stays one line
+        if self.config.proxy_protocol != "off" and isinstance(self.config.policy, ConnectionPolicy):
+            log.warning("balance=%s picks workers by the address the primary sees, the proxy's: "
+                        "with proxy_protocol every connection of one proxy goes to one worker",
+                        self._balance_name())
         _set_process_title("dispatch: primary")
         if self.config.on_starting is not None:
             self.config.on_starting(self)
@@ -217,6 +244,14 @@ class Server:
         if delta:
             self._request(control.Scale(delta))
 
+    def drain(self) -> None:
+        """Say "not ready" (``/readyz`` 503, agent ``drain``) and serve on; ``undrain()`` ends it."""
+        self._request(control.Maintenance(True))
+
+    def undrain(self) -> None:
+        """End ``drain()``: ready again."""
+        self._request(control.Maintenance(False))
+
     def _request(self, request: control.Request) -> None:
         if self._reactor is None:
             self._early_requests.append(request)
@@ -224,7 +259,8 @@ class Server:
             self._reactor.request(request)
 
     def install_signal_handlers(self) -> None:
-        """The signals operators know: TERM/INT stop, QUIT fast, HUP/USR2 reload, TTIN/TTOU scale."""
+        """The signals operators know: TERM/INT stop, QUIT fast, HUP/USR2 reload, TTIN/TTOU scale,
+        USR1 drain or undrain."""
         if self._reactor is None:
             raise RuntimeError("install_signal_handlers() needs a started server")
         self._reactor.install_signal_handlers(control.SIGNALS)
@@ -240,6 +276,9 @@ class Server:
                 elif self._stop_requested > 1:
                     log.warning("second stop request: stopping now")
                     self._shutdown(now, graceful=False)
+                elif not self._drain.delay_stop(now, self.config.drain_delay):
+                    log.info("graceful shutdown: not ready from now on; serving for %gs more, then draining",
+                             self.config.drain_delay)
                 else:
                     log.info("graceful shutdown: no new connections, waiting up to %gs for in-flight ones",
                              self.config.graceful_timeout)
@@ -251,6 +290,9 @@ class Server:
                 self._apply(self.supervisor.reload(now))
             elif isinstance(request, control.Scale):
                 self._apply(self.supervisor.scale(request.delta, now))
+            elif isinstance(request, control.Maintenance):
+                on = self._drain.set_maintenance(request.on)
+                log.info("%s", "drained: /readyz says 503, serving on" if on else "undrained: ready again")
 
     def _shutdown(self, now: float, graceful: bool) -> None:
         self._notifier.notify(STOPPING=1)
@@ -291,7 +333,7 @@ class Server:
 
     def _tick(self, now: float) -> None:
         """The periodic work; each step survives the failure of another."""
-        for step in (self._supervise, self._recycle_over_limit, self._tick_endpoints):
+        for step in (self._supervise, self._recycle_over_limit, self._tick_endpoints, self._drain_delay_over):
             try:
                 step(now)
             except Exception:
@@ -309,15 +351,23 @@ class Server:
             for worker in over:
                 self._apply(self.supervisor.passed(worker.pid, worker.sent, now))
 
+    def _drain_delay_over(self, now: float) -> None:
+        if self._drain.due(now) and not self.supervisor.stopping:
+            log.info("drain delay over: no new connections, waiting up to %gs for in-flight ones",
+                     self.config.graceful_timeout)
+            self._shutdown(now, graceful=True)
+
     def _tick_endpoints(self, now: float) -> None:
-        if self.health is not None:
-            self.health.tick(now)
+        for side in self._endpoints.servers():
+            side.tick(now)
+        if self._endpoints.agent is not None:
+            self._load.sample(self.workers.values(), now)
         if self._dispatcher is not None:
             self._dispatcher.tick(now, self._fd_reserve())
 
     def _fd_reserve(self) -> int:
-        """Descriptors kept free for others than connections: health clients."""
-        return self.health.max_clients if self.health is not None else 0
+        """Descriptors kept free for others than connections: health and probe clients."""
+        return sum(s.max_clients for s in (self.health, self._endpoints.probe) if s is not None)
 
     # ================================================================ readiness
     def _on_ready(self) -> None:

@@ -1,4 +1,4 @@
-"""The values of options that name things outside Python: addresses, users and groups.
+"""The values of options that name things outside Python: addresses, networks, users, groups.
 
 Parsed here, once, so that ``Config`` can check them before anything is bound or forked;
 ``dispatch.options`` re-exports them.
@@ -7,10 +7,13 @@ Parsed here, once, so that ``Config`` can check them before anything is bound or
 from __future__ import annotations
 
 import grp
+import ipaddress
 import pwd
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -60,15 +63,16 @@ def parse_binds(bind: str | Sequence[str]) -> tuple[Address, ...]:
     return tuple(Address.parse(text) for text in texts)
 
 
-def parse_health(health: str | None) -> Address | None:
-    """The health endpoint's address; a bare ``PORT`` or ``:PORT`` means loopback."""
+def parse_health(health: str | None, name: str = "health") -> Address | None:
+    """The health endpoint's address (or the probe's, the agent's: ``name``); a bare
+    ``PORT`` or ``:PORT`` means loopback."""
     if health is None:
         return None
     if isinstance(health, str) and (health.isdigit() or health.startswith(":")):
         health = f"127.0.0.1:{health.lstrip(':')}"  # it exposes internals: loopback unless told
     address = Address.parse(health)
     if address.family == socket.AF_UNIX:
-        raise ValueError("health must be HOST:PORT")
+        raise ValueError(f"{name} must be HOST:PORT")
     return address
 
 
@@ -114,3 +118,39 @@ def lookup_group(group: str | int | None, user: str | int | None) -> int | None:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise ValueError(f"group {group!r} does not exist") from None
+
+
+def parse_networks(text: str | None, name: str = "proxy_allow") -> tuple[Network, ...]:
+    """Trusted senders from ``"127.0.0.1, 10.0.0.0/8, ::1"``; ``"*"`` is everyone.
+
+    Raises ``ValueError`` naming the entry that is not an address or network.
+    """
+    if text is None:
+        return ()
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a string, not {type(text).__name__}")
+    networks: list[Network] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if item == "*":
+            networks += [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{name}: {item!r} is not an address or network") from None
+    return tuple(networks)
+
+
+def trusted(peer: object, networks: Iterable[Network]) -> bool:
+    """Whether a peer (``getpeername()``) may send a header; unix peers may."""
+    if not isinstance(peer, tuple):
+        return isinstance(peer, (str, bytes))  # AF_UNIX: a path, or '' unnamed
+    try:
+        address = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack listener's view of an IPv4 client
+    return any(address in network for network in networks)

@@ -33,7 +33,7 @@ from typing import Any
 
 import psutil
 
-from dispatch import _fdpass, loops, protocol
+from dispatch import _fdpass, loops, protocol, proxy_gate
 from dispatch.config import Config
 from dispatch.handlers import runner_for
 from dispatch.interfaces import interface_of
@@ -116,8 +116,8 @@ class Worker:
         ``Ready``, wait for the end, stop the application."""
         self._loop = loop = asyncio.get_running_loop()
         self._finished = loop.create_future()
-        self.runner = self._make_runner(loop, self.handler, self.config, self.worker_id, self._completed,
-                                       self.family)
+        self.runner = proxy_gate.make_runner(self._make_runner, loop, self.handler, self.config,
+                                             self.worker_id, self._completed, self.family)
         try:
             await self.runner.startup()
         except StartupFailed as exc:  # the application logged its own error

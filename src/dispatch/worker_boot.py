@@ -33,7 +33,7 @@ from dispatch.worker import EXIT_BOOT_ERROR, EXIT_CRASH, Worker
 log = logging.getLogger("dispatch.worker")
 
 # The primary's own signals: a worker leaves them to it.
-_PRIMARY_SIGNALS = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+_PRIMARY_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 
 
 def worker_main(

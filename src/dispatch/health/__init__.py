@@ -7,6 +7,7 @@ The primary's one entry is :class:`HealthServer`. The rooms behind it:
   epoll loop (clients, deadlines, eviction, ``EPOLLOUT``); knows routes only;
 - ``source``: what the views may read of the primary, as Protocols;
 - ``views``: ``/cluster-health``, ``/healthz``, ``/readyz``;
+- :class:`ProbeServer`: ``/healthz`` and ``/readyz`` alone, on an address of their own;
 - ``metrics``: ``/metrics``, with the optional ``prometheus_client``.
 """
 
@@ -18,7 +19,8 @@ from dispatch.health.server import HTTPServer, Register, Route, Unregister
 from dispatch.health.source import PrimaryView, WorkerView
 from dispatch.health.views import ClusterHealthView, healthz, readyz
 
-__all__ = ["HTTPServer", "HealthServer", "PrimaryView", "Register", "Unregister", "WorkerView"]
+__all__ = ["HTTPServer", "HealthServer", "PrimaryView", "ProbeServer", "Register", "Unregister",
+           "WorkerView"]
 
 
 class HealthServer(HTTPServer):
@@ -38,6 +40,17 @@ class HealthServer(HTTPServer):
             "/healthz": healthz,
             "/readyz": lambda: readyz(server),
         }
+        super().__init__(address, routes, timeout=timeout, max_clients=max_clients,
+                         max_head=max_head, backlog=backlog)
+
+
+class ProbeServer(HTTPServer):
+    """Only ``/healthz`` and ``/readyz`` on ``address`` (``--probe``): what a load balancer
+    or Kubernetes needs, reachable from them, without the internals of the health port."""
+
+    def __init__(self, server: PrimaryView, address: Address, *, timeout: float = 5.0,
+                 max_clients: int = 64, max_head: int = 8192, backlog: int = 128) -> None:
+        routes: dict[str, Route] = {"/healthz": healthz, "/readyz": lambda: readyz(server)}
         super().__init__(address, routes, timeout=timeout, max_clients=max_clients,
                          max_head=max_head, backlog=backlog)
 

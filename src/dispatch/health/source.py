@@ -94,3 +94,6 @@ class PrimaryView(Protocol):
     @property
     def in_flight(self) -> int:
         """Connections passed to workers and not yet reported done."""
+    @property
+    def draining_reason(self) -> str | None:
+        """Why /readyz says 503 while the server still serves (``drain_delay``, maintenance)."""

@@ -58,9 +58,12 @@ def healthz() -> bytes:
 
 
 def readyz(server: PrimaryView) -> bytes:
-    """200 while some worker is ready and the server is not shutting down."""
+    """200 while some worker is ready, the server is not shutting down (nor waiting out
+    ``drain_delay`` before it does) and not drained for maintenance."""
     if server.supervisor.stopping:
         return text(503, "not ready: shutting down")
+    if server.draining_reason is not None:
+        return text(503, f"not ready: {server.draining_reason}")
     if not any(w.state == supervisor.READY for w in server.workers.values()):
         return text(503, "not ready: no worker is ready")
     return text(200, "ready")

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from dispatch import _fdpass
 from dispatch.config import Config
+from dispatch.peers import client_address
 
 # Every worker-side module logs as "dispatch.worker": the README documents that name.
 log = logging.getLogger("dispatch.worker")
@@ -178,8 +179,6 @@ def adopt(fd: int, family: int) -> socket.socket:
 
 
 def peer(sock: socket.socket) -> Any:
-    """The peer's address, or None (a unix socket without a name, or already reset)."""
-    try:
-        return sock.getpeername()
-    except OSError:
-        return None
+    """The client's address (its PROXY header's, if it had one), or None (a unix socket
+    without a name, or already reset)."""
+    return client_address(sock)

@@ -38,6 +38,8 @@ import uvicorn
 from uvicorn.config import Config as UvicornConfig
 from uvicorn.server import ServerState
 
+from dispatch import peers
+
 TESTED = "uvicorn>=0.30,<0.60"
 
 #: Added to every response started while the worker drains: the client opens a new
@@ -210,6 +212,7 @@ def _tracked_http(base: Any, lost: Callable[[], None], clock: Callable[[], float
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
+            _use_proxied_client(self, transport)
             self.dispatch_active_at = clock()
             if first_bytes_timeout:
                 # uvicorn arms this timer only after a response: a client that never sends
@@ -250,6 +253,10 @@ def _tracked_ws(base: Any, lost: Callable[[], None]) -> Any:
             if extra is not None and ("connection", "close") in extra:
                 self.extra_headers = [h for h in extra if h != ("connection", "close")]
 
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            _use_proxied_client(self, transport)
+
         def connection_lost(self, exc: Exception | None) -> None:
             try:
                 super().connection_lost(exc)
@@ -258,6 +265,15 @@ def _tracked_ws(base: Any, lost: Callable[[], None]) -> Any:
 
     TrackedWS.__qualname__ = TrackedWS.__name__ = f"Tracked{base.__name__}"
     return TrackedWS
+
+
+def _use_proxied_client(protocol: Any, transport: asyncio.BaseTransport) -> None:
+    """The client a PROXY header named, as ``scope["client"]`` (and WSGI's ``REMOTE_ADDR``):
+    uvicorn's protocols take ``self.client`` from the socket's peer in ``connection_made``."""
+    sock = transport.get_extra_info("socket")
+    real = peers.proxied(sock.fileno()) if sock is not None else None
+    if real is not None:
+        protocol.client = (real[0], real[1])
 
 
 def route_logs(access_log: bool) -> None:
