@@ -168,7 +168,7 @@ def one_server(target: Target, rnd: int, args: argparse.Namespace, capacities: d
                     capacities[key] = openloop.capacity(server, mix, args.capacity_seconds)
                 levels = [(load, load * capacities[key]) for load in args.loads]
             for load, rate in levels:
-                logs = out / "logs" / f"openloop-{target.name.replace('/', '-')}-{mix}-{rate:.0f}.r{rnd}"
+                logs = out / "logs" / f"openloop-{target.name.replace('/', '-')}-{mix}-{rate:.0f}-r{rnd}"
                 try:
                     rec = openloop.measure(server, mix, rate, args.duration, logs)
                 except (RuntimeError, OSError) as exc:

@@ -51,7 +51,9 @@ def measure(server: Server, mix: str, rate: float, seconds: float, logs: Path) -
     workers = server.remember_children()
     pids = [server.pid, *workers]
     before = {pid: cpu_split(pid) for pid in pids}
-    fast_log, slow_log = logs.with_suffix(".fast.tsv"), logs.with_suffix(".slow.tsv")
+    fast_log, slow_log = Path(f"{logs}.fast.tsv"), Path(f"{logs}.slow.tsv")
+    for old in (fast_log, slow_log):
+        old.unlink(missing_ok=True)  # h2load appends
     began = time.monotonic()
     fast = h2load.start(server.port, "/", rate * (1 - share), seconds, fast_log)
     slow = None
