@@ -29,7 +29,13 @@ class Scale:
     delta: int
 
 
-Request = Stop | Reload | Scale
+@dataclass(frozen=True)
+class Upgrade:
+    """Start a new primary from the same command line (new code on disk) and hand it the
+    sockets once its workers are ready; if it fails, this one keeps serving."""
+
+
+Request = Stop | Reload | Scale | Upgrade
 
 #: The signals operators know (gunicorn's vocabulary).
 SIGNALS: dict[int, Request] = {
@@ -40,4 +46,5 @@ SIGNALS: dict[int, Request] = {
     signal.SIGUSR2: Reload(),
     signal.SIGTTIN: Scale(1),
     signal.SIGTTOU: Scale(-1),
+    signal.SIGUSR1: Upgrade(),
 }

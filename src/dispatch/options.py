@@ -238,6 +238,11 @@ OPTIONS: tuple[Option, ...] = (
            "place; a symlink, directory or special file at the path is refused; any failure is "
            "one line naming the path",
            cli={"metavar": "PATH"}),
+    Option("control", None, _path,
+           "unix socket for `dispatch ctl` and `dispatch top` (Operating, below): created mode "
+           "0600, and only a peer of the primary's uid or root is served (`SO_PEERCRED`)",
+           cli={"metavar": "PATH"}, shown_default="beside the pidfile (`app.pid`: `app.ctl`); "
+           "none without one", cli_help="unix socket for dispatch ctl and dispatch top"),
     Option("preload", False, _bool,
            "import an import-string handler once in the primary: faster forks, but a rolling "
            "restart then runs the old code",
@@ -321,6 +326,7 @@ class Options(TypedDict, total=False):
     restart_batch: int
     health: str | None
     pidfile: str | None
+    control: str | None
     preload: bool
     log_level: str
     accept_batch: int

@@ -5,7 +5,8 @@ One thread, one epoll loop (``Reactor``). The pieces it drives:
 - ``Endpoints``: listeners, the health endpoint, the pidfile;
 - ``Dispatcher``: the hot path, accepting and passing connections (user-space modes);
 - ``Fleet``: the worker processes, their channels and exits;
-- ``Supervisor``: the pure state machine deciding which workers should exist.
+- ``Supervisor``: the pure state machine deciding which workers should exist;
+- ``Commands`` (the control socket's) and ``Upgrader``/``Successor`` (upgrading the primary).
 
 This module starts them, turns control requests (signals, ``stop()``,
 ``reload()``, ``scale()``) into supervisor calls, runs the periodic work, and
@@ -21,6 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from dispatch import control, supervisor
+from dispatch.commands import Commands
 from dispatch.config import Config, Handler
 from dispatch.counters import Counters
 from dispatch.dispatcher import Dispatcher
@@ -32,6 +34,7 @@ from dispatch.options import Options
 from dispatch.processes import WorkerHandle, kill
 from dispatch.reactor import Reactor
 from dispatch.systemd import Notifier, Readiness
+from dispatch.upgrade import Successor, Upgrader
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -73,6 +76,9 @@ class Server:
         self._stop_requested = 0
         self._notifier = Notifier()
         self._readiness = Readiness(self._notifier, self._balance_name())
+        self._commands = Commands(self)
+        self._successor: Successor | None = None  # set when an upgrade started us
+        self._upgrader: Upgrader | None = None
 
     # ================================================================ what others read
     @property
@@ -117,6 +123,21 @@ class Server:
         """Connections passed to workers and not yet reported done."""
         return self._dispatcher.outstanding if self._dispatcher else 0
 
+    @property
+    def upgrading(self) -> bool:
+        """A new primary was started by an upgrade and is not ready yet."""
+        return self._upgrader is not None and self._upgrader.in_progress
+
+    @property
+    def control_path(self) -> str | None:
+        """The control socket's path, or None without one."""
+        return self._endpoints.control.path if self._endpoints.control is not None else None
+
+    def status(self) -> dict[str, Any]:
+        """What ``dispatch ctl status`` shows: ``/cluster-health``'s document and
+        ``workers_wanted``, ``restarting``, ``last_reload``, ``stopping``, ``upgrading``."""
+        return self._commands.status()
+
     # ================================================================ setup
     def start(self, install_signal_handlers: bool = False) -> None:
         """Bind every address, then fork the workers.
@@ -140,7 +161,8 @@ class Server:
 
     def _start(self, install_signal_handlers: bool) -> None:
         fd_limit_level, fd_limit_note = raise_fd_limit()
-        self._endpoints.open(self.config, self)
+        self._successor = Successor.from_environment()
+        self._endpoints.open(self.config, self, self._commands.handle, self._successor)
         self._reactor = reactor = Reactor(self._failures)
         reactor.on_requests(self._on_requests)
         if install_signal_handlers:
@@ -157,6 +179,11 @@ class Server:
             self._dispatcher.update_budget(self._fd_reserve())
         if self.health is not None:
             self.health.attach(reactor.register, reactor.unregister)
+        if self._endpoints.control is not None:
+            self._endpoints.control.attach(reactor.register, reactor.unregister)
+        # The new primary imports, binds nothing and boots its workers in this time.
+        self._upgrader = Upgrader(reactor.register, reactor.unregister, self.config.boot_timeout + 10,
+                                  self._upgrade_ready, self._upgrade_failed)
         if self.config.preload:
             from dispatch.handlers import load_handler
 
@@ -192,6 +219,8 @@ class Server:
         """The primary's own descriptors a new worker closes at once."""
         assert self._reactor is not None
         fds = self._reactor.fds() + self._endpoints.fds() + self._notifier.fds()
+        fds += self._upgrader.fds() if self._upgrader is not None else []
+        fds += self._successor.fds() if self._successor is not None else []
         if self.config.user_space:
             fds += [s.fileno() for s in self.listeners]
         return fds
@@ -215,6 +244,15 @@ class Server:
             raise TypeError(f"scale() needs an int, not {type(delta).__name__}")
         if delta:
             self._request(control.Scale(delta))
+
+    def upgrade(self) -> None:
+        """Start a new primary from the same command line and hand it the sockets once it
+        is ready (``SIGUSR1``, ``dispatch ctl upgrade``); if it fails, this one serves on."""
+        self._request(control.Upgrade())
+
+    def control_now(self, request: control.Request) -> None:
+        """Carry out ``request`` at once; only from the loop (the control socket's commands)."""
+        self._on_requests([request])
 
     def _request(self, request: control.Request) -> None:
         if self._reactor is None:
@@ -250,9 +288,53 @@ class Server:
                 self._apply(self.supervisor.reload(now))
             elif isinstance(request, control.Scale):
                 self._apply(self.supervisor.scale(request.delta, now))
+            elif isinstance(request, control.Upgrade):
+                why = self.start_upgrade()
+                if why:
+                    log.warning("upgrade refused: %s", why)
 
-    def _shutdown(self, now: float, graceful: bool) -> None:
-        self._notifier.notify(STOPPING=1)
+    # ================================================================ upgrade
+    def start_upgrade(self) -> str:
+        """Start a new primary (see ``dispatch.upgrade``); why not, or "" when started or
+        already in progress (its outcome is logged and told to ``ctl upgrade``)."""
+        if self._upgrader is None:
+            return "the server is not started"
+        if self.supervisor.stopping:
+            return "the primary is shutting down"
+        if self._upgrader.in_progress:
+            return ""
+        if self.config.balance == "reuseport":
+            return "balance=reuseport: the workers' own listeners cannot be handed over; restart instead"
+        if self._successor is not None and not self._successor.reported:
+            return "this primary is still taking over from the previous one"
+        health = self.health.listener if self.health is not None else None
+        ctl = self._endpoints.control.listener if self._endpoints.control is not None else None
+        try:
+            self._upgrader.start(self.listeners, health, ctl)
+        except OSError as exc:
+            return f"cannot start a new primary: {exc}"
+        return ""
+
+    def _upgrade_ready(self, new_pid: int) -> None:
+        log.info("upgrade: new primary %d serves; this one stops accepting and drains", new_pid)
+        self._notifier.notify(MAINPID=new_pid)
+        self._commands.upgrade_done(os.getpid(), new_pid)
+        self._endpoints.handed_over()
+        self._stop_requested += 1
+        self._shutdown(time.monotonic(), graceful=True, notify=False)
+
+    def _upgrade_failed(self, why: str) -> None:
+        log.error("upgrade failed: %s; this primary keeps serving", why)
+        if self._endpoints.pidfile is not None:
+            try:
+                self._endpoints.pidfile.claim()  # the new primary wrote its pid there
+            except Exception as exc:
+                log.error("%s", exc)
+        self._commands.upgrade_failed(why)
+
+    def _shutdown(self, now: float, graceful: bool, notify: bool = True) -> None:
+        if notify:  # not after an upgrade: the service goes on, in the new primary
+            self._notifier.notify(STOPPING=1)
         dispatcher = self._dispatcher
         if dispatcher is not None:
             dispatcher.stop_accepting()
@@ -311,6 +393,11 @@ class Server:
     def _tick_endpoints(self, now: float) -> None:
         if self.health is not None:
             self.health.tick(now)
+        if self._endpoints.control is not None:
+            self._endpoints.control.tick(now)
+        self._commands.tick(now)
+        if self._upgrader is not None:
+            self._upgrader.tick(now)
         if self._dispatcher is not None:
             self._dispatcher.tick(now, self._fd_reserve())
 
@@ -321,6 +408,10 @@ class Server:
     # ================================================================ readiness
     def _on_ready(self) -> None:
         self._readiness.workers_ready(self._ready_count(), self.config.workers)
+        successor = self._successor
+        if successor is not None and not successor.reported and self._ready_count() >= self.config.workers:
+            successor.report_ready()
+            self._endpoints.taken_over()
         if self._dispatcher is not None:
             self._dispatcher.rebuild_targets()
             if self._dispatcher.pending:
@@ -362,6 +453,10 @@ class Server:
     # ================================================================ teardown
     def _release(self) -> None:
         """Kill and reap every worker, close everything we opened, restore the signals."""
+        if self._upgrader is not None:
+            self._upgrader.abandon()
+        if self._successor is not None:
+            self._successor.close()
         if self._fleet is not None:
             self._fleet.release()
         if self._dispatcher is not None:
