@@ -165,14 +165,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m dispatch ctl") ->
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             return True
-        except PermissionError:
-            pass
         time.sleep(0.05)
     return False
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited primary whose parent has not reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 # ================================================================ what a person reads
@@ -184,6 +189,8 @@ def describe(command: str, reply: dict[str, Any]) -> str:
     if command == "scale":
         return f"{reply['workers']} workers ready (pids {_pids(reply['pids'])})"
     if command == "stop":
+        if not reply.get("stopped"):
+            return f"primary {reply['pid']} is stopping ({reply['stopping']}) but still running"
         return f"primary {reply['pid']} stopped ({reply['stopping']})"
     if command == "upgrade":
         return f"upgraded: primary {reply['old_pid']} handed over to primary {reply['new_pid']}"
