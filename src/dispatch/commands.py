@@ -158,9 +158,9 @@ class Commands:
     def upgrade_done(self, old_pid: int, new_pid: int) -> None:
         self._answer_upgrade({"ok": True, "old_pid": old_pid, "new_pid": new_pid})
 
-    def upgrade_failed(self, why: str) -> None:
+    def upgrade_failed(self, why: str, new_pid: int) -> None:
         self._answer_upgrade({"ok": False, "error": f"upgrade failed: {why}; the old primary keeps serving",
-                              "pid": os.getpid()})
+                              "pid": os.getpid(), "new_pid": new_pid})
 
     def _answer_upgrade(self, message: dict[str, Any]) -> None:
         replies, self._upgrade_replies = self._upgrade_replies, []

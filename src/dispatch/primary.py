@@ -330,7 +330,7 @@ class Server:
                 self._endpoints.pidfile.claim()  # the new primary wrote its pid there
             except Exception as exc:
                 log.error("%s", exc)
-        self._commands.upgrade_failed(why)
+        self._commands.upgrade_failed(why, self._upgrader.failed_pid if self._upgrader else 0)
 
     def _shutdown(self, now: float, graceful: bool, notify: bool = True) -> None:
         if notify:  # not after an upgrade: the service goes on, in the new primary

@@ -121,7 +121,7 @@ class Upgrader:
     """One upgrade at a time: start the new primary, wait for it, say how it went.
 
     ``on_ready(pid)`` runs when the new primary serves; ``on_failed(why)`` when it
-    exited or timed out before (it was then killed and reaped).
+    exited or timed out before (it was then killed and reaped); ``failed_pid`` names it.
     """
 
     def __init__(self, register: Register, unregister: Unregister, timeout: float,
@@ -135,6 +135,7 @@ class Upgrader:
         self._deadline = 0.0
         self._ready = False
         self._why = ""
+        self.failed_pid = 0
 
     @property
     def in_progress(self) -> bool:
@@ -218,6 +219,7 @@ class Upgrader:
         if status is None:
             return
         why = self._why or f"new primary {self.pid} {describe_exit(status)} before it was ready"
+        self.failed_pid = self.pid
         self._close()
         self._on_failed(why)
 
