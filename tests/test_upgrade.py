@@ -7,10 +7,19 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from dispatch import upgrade
+from dispatch.reactor import Reactor
+from dispatch.upgrade import Upgrader
 from tests.helpers import (
     ServerProcess,
     children,
@@ -162,11 +171,12 @@ def test_a_new_version_that_fails_to_import_leaves_the_old_primary_serving(tmp_p
     stop_new_primary(new_pid, new_workers)
 
 
-def test_sigusr1_upgrades_and_keeps_unix_sockets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("balance", ["round-robin", "shared"])
+def test_sigusr1_upgrades_and_keeps_unix_sockets(tmp_path: Path, balance: str) -> None:
     pidfile, sock = tmp_path / "app.pid", tmp_path / "app.sock"
     new_pid, new_workers = 0, []
     with ServerProcess(cli=["--bind", "127.0.0.1:0", "--bind", f"unix:{sock}", "--workers", "2",
-                            "--pidfile", str(pidfile)]) as server:
+                            "--pidfile", str(pidfile), "--balance", balance]) as server:
         old_workers = server.wait_ready(2)
         server.signal(signal.SIGUSR1)
         new_pid = wait_for(lambda: read_pid(pidfile) if read_pid(pidfile) != server.pid else 0, 30,
@@ -181,3 +191,110 @@ def test_sigusr1_upgrades_and_keeps_unix_sockets(tmp_path: Path) -> None:
     assert not sock.exists() and not pidfile.exists()
 
 
+
+
+def test_reuseport_cannot_upgrade_and_says_why(tmp_path: Path) -> None:
+    control = tmp_path / "app.ctl"
+    with ServerProcess(cli=["--bind", "127.0.0.1:0", "--workers", "1", "--balance", "reuseport",
+                            "--control", str(control)]) as server:
+        workers = server.wait_ready(1)
+        done = ctl(control, "upgrade")
+        assert done.returncode == 1 and "reuseport" in done.stderr
+        assert server.proc.poll() is None and children(server.pid) == workers
+
+
+# ------------------------------------------------------------------ the old primary's side, in process
+def _upgrader(monkeypatch: pytest.MonkeyPatch, code: str, timeout: float) -> tuple[Upgrader, Reactor, dict[str, Any]]:
+    """An ``Upgrader`` whose "new primary" is ``python -c code``."""
+    monkeypatch.setattr(upgrade, "command_line", lambda: [sys.executable, "-c", code])
+    reactor = Reactor()
+    outcome: dict[str, Any] = {}
+    upgrader = Upgrader(reactor.register, reactor.unregister, timeout,
+                        lambda pid: outcome.update(ready=pid), lambda why: outcome.update(failed=why))
+    return upgrader, reactor, outcome
+
+
+def _run(reactor: Reactor, upgrader: Upgrader, outcome: dict[str, Any], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not outcome and time.monotonic() < deadline:
+        reactor.poll(0.05)
+        upgrader.tick(time.monotonic())
+    assert outcome, "no outcome"
+
+
+def test_upgrader_hands_listeners_at_fd_3_and_waits_for_ready(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    report = tmp_path / "seen.json"
+    code = (
+        "import json, os, socket, sys\n"
+        "fields = dict(f.split('=') for f in os.environ['DISPATCH_UPGRADE'].split(','))\n"
+        "sock = socket.socket(fileno=3)\n"
+        f"json.dump({{'fds': os.environ['LISTEN_FDS'], 'pid': os.environ['LISTEN_PID'] == str(os.getpid()),"
+        f" 'port': sock.getsockname()[1], 'parent': int(fields['parent']) == os.getppid()}}, open({str(report)!r}, 'w'))\n"
+        "os.write(int(fields['ready']), b'R')\n"
+        "import time; time.sleep(30)\n"
+    )
+    upgrader, reactor, outcome = _upgrader(monkeypatch, code, timeout=15)
+    try:
+        upgrader.start([listener], None, None)
+        child = upgrader.pid
+        _run(reactor, upgrader, outcome)
+        assert outcome == {"ready": child} and not upgrader.in_progress
+        seen = json.loads(report.read_text())
+        assert seen == {"fds": "1", "pid": True, "port": listener.getsockname()[1], "parent": True}
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        reactor.close()
+        listener.close()
+
+
+def test_upgrader_kills_a_new_primary_that_is_not_ready_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    upgrader, reactor, outcome = _upgrader(monkeypatch, "import time; time.sleep(60)", timeout=0.5)
+    try:
+        upgrader.start([], None, None)
+        child = upgrader.pid
+        _run(reactor, upgrader, outcome)
+        assert outcome == {"failed": f"new primary {child} was not ready within 0.5s; killed it"}
+        assert not pid_alive(child) and upgrader.fds() == []
+    finally:
+        reactor.close()
+
+
+def test_upgrader_reports_a_new_primary_that_exits(monkeypatch: pytest.MonkeyPatch) -> None:
+    upgrader, reactor, outcome = _upgrader(monkeypatch, "raise SystemExit(7)", timeout=15)
+    try:
+        upgrader.start([], None, None)
+        child = upgrader.pid
+        _run(reactor, upgrader, outcome)
+        assert outcome == {"failed": f"new primary {child} exited with code 7 before it was ready"}
+    finally:
+        reactor.close()
+
+
+def test_stopping_during_an_upgrade_stops_the_new_primary_too(tmp_path: Path) -> None:
+    app = tmp_path / "slow_app.py"
+    app.write_text("from tests.apps import pid_app as app\n")
+    control = tmp_path / "app.ctl"
+    with ServerProcess("slow_app:app", cwd=tmp_path, cli=[
+            "--bind", "127.0.0.1:0", "--workers", "1", "--control", str(control)]) as server:
+        server.wait_ready(1)
+        app.write_text("import time\ntime.sleep(20)\nfrom tests.apps import pid_app as app\n")
+        result: list[subprocess.CompletedProcess[str]] = []
+        waiter = threading.Thread(target=lambda: result.append(ctl(control, "--json", "upgrade")))
+        waiter.start()
+        new_pid = wait_for(lambda: [p for p in children(server.pid) if _is_primary(p)], 15,
+                           what="the new primary")[0]
+        assert ctl(control, "stop").returncode == 0
+        waiter.join(30)
+        reply = json.loads(result[0].stdout)
+        assert result[0].returncode == 1 and "asked to stop" in reply["error"] and reply["new_pid"] == new_pid
+        assert server.wait(30) == 0
+        wait_for(lambda: not pid_alive(new_pid), 15, what="the new primary gone")
+
+
+def _is_primary(pid: int) -> bool:
+    try:
+        return b"slow_app:app" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False

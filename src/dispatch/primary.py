@@ -335,6 +335,11 @@ class Server:
     def _shutdown(self, now: float, graceful: bool, notify: bool = True) -> None:
         if notify:  # not after an upgrade: the service goes on, in the new primary
             self._notifier.notify(STOPPING=1)
+        if self._upgrader is not None and self._upgrader.in_progress:
+            # Asked to stop mid-upgrade: the half-started new primary goes too.
+            pid = self._upgrader.pid
+            self._upgrader.abandon()
+            self._commands.upgrade_failed(f"this primary was asked to stop; stopped new primary {pid}", pid)
         dispatcher = self._dispatcher
         if dispatcher is not None:
             dispatcher.stop_accepting()

@@ -193,8 +193,9 @@ class Upgrader:
     def abandon(self) -> None:
         """We stop before it was ready: it must not outlive us half-started."""
         if self.pid and not self._ready:
+            # SIGQUIT, a fast stop: it never served, so it has nothing to drain.
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
+                os.kill(self.pid, signal.SIGQUIT)
         self._close()
 
     def _on_pipe(self, events: int) -> None:
