@@ -349,3 +349,17 @@ def test_signal_table_has_upgrade() -> None:
     assert control.SIGNALS[signal.SIGUSR1] == control.Upgrade()
     assert len(set(control.SIGNALS)) == len(control.SIGNALS)
 
+
+
+def test_the_typed_client(server: ServerProcess) -> None:
+    from dispatch.ctl import ControlClient
+
+    client = ControlClient(str(server.control), timeout=60)
+    assert client.status()["status"]["primary_pid"] == server.pid
+    reply = client.scale("+1")
+    assert reply["ok"] and reply["workers"] == 3
+    reply = client.reload()
+    assert reply["ok"] and reply["outcome"] == "complete" and len(reply["workers"]) == 3
+    reply = client.scale(2)
+    assert reply["ok"] and reply["workers"] == 2
+    assert client.call("drain")["ok"] is False  # not this primary's command (yet)

@@ -407,8 +407,11 @@ class Server:
             self._dispatcher.tick(now, self._fd_reserve())
 
     def _fd_reserve(self) -> int:
-        """Descriptors kept free for others than connections: health clients."""
-        return self.health.max_clients if self.health is not None else 0
+        """Descriptors kept free for others than connections: health and control clients,
+        and an upgrade's pipe and pidfd."""
+        control = self._endpoints.control
+        return ((self.health.max_clients if self.health is not None else 0)
+                + (control.max_clients + 2 if control is not None else 0))
 
     # ================================================================ readiness
     def _on_ready(self) -> None:

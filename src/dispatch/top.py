@@ -69,14 +69,14 @@ def render(status: dict[str, Any], cluster_rate: float, rates: dict[int, float])
     table = Table(title=" · ".join(notes), title_justify="left")
     for name in ("id", "pid", "state", "uptime", "conn/s", "active", "total", "memory", "cpu",
                  "restarts", "stalled", "heartbeat"):
-        table.add_column(name, justify="left" if name in ("state", "stalled") else "right")
+        table.add_column(name, justify="left" if name in ("state", "stalled") else "right", no_wrap=True)
     for w in status["workers"]:
         state = w["state"] if w["state"] == "ready" else f"[yellow]{w['state']}[/yellow]"
         table.add_row(str(w["id"]), str(w["pid"]), state, duration(w["uptime_s"]),
                       f"{rates.get(w['pid'], 0.0):,.0f}", str(w["connections_active"]),
                       f"{w['connections_total']:,}", mebibytes(w["memory_rss"]), f"{w['cpu_percent']:.1f}%",
                       str(w["restarts"]), "[red]yes[/red]" if w["stalled"] else "no",
-                      f"{w['heartbeat_age_s']:.1f}s ago")
+                      f"{w['heartbeat_age_s']:.1f}s")
     return table
 
 
