@@ -363,3 +363,61 @@ def test_the_typed_client(server: ServerProcess) -> None:
     reply = client.scale(2)
     assert reply["ok"] and reply["workers"] == 2
     assert client.call("drain")["ok"] is False  # not this primary's command (yet)
+
+
+# ------------------------------------------------------------------ the control server in process
+def test_control_server_forgets_a_waiting_client_that_hangs_up_and_bounds_the_rest(tmp_path: Path) -> None:
+    from dispatch.control_socket import ControlServer, Reply
+    from dispatch.reactor import Reactor
+
+    replies: list[Reply] = []
+    reactor = Reactor()
+    server = ControlServer(str(tmp_path / "c.ctl"), lambda request, reply: replies.append(reply), timeout=0.5,
+                           max_clients=4)
+    server.attach(reactor.register, reactor.unregister)
+
+    def turn(seconds: float = 0.2) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            reactor.poll(0.02)
+            server.tick(time.monotonic())
+
+    try:
+        listening = len(server.fds())
+        # A client whose answer is owed, then leaves: its slot and descriptor go at once.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(server.path)
+        sock.sendall(ctl_protocol.request("status"))
+        turn()
+        assert len(replies) == 1 and replies[0].open and len(server.fds()) == listening + 1
+        sock.close()
+        turn()
+        assert not replies[0].open and len(server.fds()) == listening
+        replies[0].send({"ok": True})  # too late: ignored, not an error
+        # Waiting clients fill every slot: a newcomer is told the primary is busy.
+        waiting = []
+        for _ in range(4):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(server.path)
+            s.sendall(ctl_protocol.request("status"))
+            waiting.append(s)
+        turn()
+        newcomer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        newcomer.settimeout(5)
+        newcomer.connect(server.path)
+        turn()
+        assert "busy" in json.loads(newcomer.recv(4096))["error"]
+        newcomer.close()
+        # Answered later, each gets its reply; then everything is closed.
+        for reply in replies[1:]:
+            reply.send({"ok": True, "late": True})
+        for s in waiting:
+            s.settimeout(5)
+            assert json.loads(s.recv(4096))["late"] is True
+            s.close()
+        turn()
+        assert len(server.fds()) == listening
+    finally:
+        server.close()
+        reactor.close()
+    assert not (tmp_path / "c.ctl").exists()

@@ -187,6 +187,15 @@ def test_sigusr1_upgrades_and_keeps_unix_sockets(tmp_path: Path, balance: str) -
         for address in server.addresses:
             assert int(request(address).split()[1]) in new_workers, address
         assert sock.exists()  # the old primary left the unix socket's file to the new one
+        # And the new primary upgrades in turn.
+        os.kill(new_pid, signal.SIGUSR1)
+        third = wait_for(lambda: read_pid(pidfile) if read_pid(pidfile) != new_pid else 0, 30,
+                         what="the third primary's pid in the pidfile")
+        wait_for(lambda: not pid_alive(new_pid) and not any(pid_alive(p) for p in new_workers), 30,
+                 what="the second primary and its workers gone")
+        new_pid, new_workers = third, sorted(children(third))
+        for address in server.addresses:
+            assert int(request(address).split()[1]) in new_workers, address
     stop_new_primary(new_pid, new_workers)
     assert not sock.exists() and not pidfile.exists()
 

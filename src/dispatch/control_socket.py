@@ -180,7 +180,11 @@ class ControlServer:
 
     def _accepted(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        try:
+            pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        except (OSError, struct.error):
+            sock.close()  # no credentials, no service
+            return
         if uid not in (0, os.geteuid()):
             self.refused += 1
             log.warning("control socket: refused pid %d of uid %d (only uid %d or root may control this primary)",
@@ -329,7 +333,10 @@ def _remove_stale(path: str) -> None:
     finally:
         probe.close()
     if err == errno.ECONNREFUSED:
-        os.unlink(path)  # a dead primary's
+        try:
+            os.unlink(path)  # a dead primary's
+        except OSError as exc:
+            raise ControlError(exc.errno, f"cannot remove the stale control socket {path}: {exc.strerror or exc}") from None
     elif err in (0, errno.EAGAIN, errno.EINPROGRESS):
         raise ControlError(errno.EADDRINUSE, f"cannot create control socket {path}: another primary is listening there")
     elif err == errno.EACCES:
