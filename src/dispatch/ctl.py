@@ -102,7 +102,7 @@ def build_parser(prog: str = "python -m dispatch ctl") -> argparse.ArgumentParse
                                      epilog="Exit codes: 0 done, 1 refused or failed, 2 usage, 3 unreachable.")
     add_target_arguments(parser)
     parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
-                        help="how long reload, scale and upgrade may take (default: 300)")
+                        help="how long to wait for reload, scale and upgrade (default: 300)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("status", parents=[common], help="the workers, like pm2 ls")
     sub.add_parser("reload", parents=[common], help="rolling restart; waits for the outcome")

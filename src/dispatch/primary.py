@@ -32,7 +32,7 @@ from dispatch.limits import raise_fd_limit
 from dispatch.logs import FailureLog
 from dispatch.options import Options
 from dispatch.processes import WorkerHandle, kill
-from dispatch.reactor import Reactor
+from dispatch.reactor import IN, Reactor
 from dispatch.systemd import Notifier, Readiness
 from dispatch.upgrade import Successor, Upgrader
 
@@ -174,8 +174,9 @@ class Server:
             self._dispatcher = Dispatcher(self.config.policy, self.workers, reactor, self.counters, self._failures,
                                           self.config.accept_batch, self.config.backlog)
             self._fleet.dispatcher = self._dispatcher
-            for sock in self.listeners:
-                self._dispatcher.add_listener(sock)
+            if self._successor is None:  # a successor accepts once it has told the old primary
+                for sock in self.listeners:
+                    self._dispatcher.add_listener(sock)
             self._dispatcher.update_budget(self._fd_reserve())
         if self.health is not None:
             self.health.attach(reactor.register, reactor.unregister)
@@ -418,6 +419,12 @@ class Server:
         self._readiness.workers_ready(self._ready_count(), self.config.workers)
         successor = self._successor
         if successor is not None and not successor.reported and self._ready_count() >= self.config.workers:
+            # Not before: a new primary that fails, or is killed, must not take a connection with it.
+            if self._dispatcher is not None and self._reactor is not None:
+                for sock in self.listeners:
+                    self._dispatcher.add_listener(sock)  # registered idle...
+                    if self._dispatcher.accepting:  # ...while the others already accept
+                        self._reactor.modify(sock.fileno(), IN)
             successor.report_ready()
             self._endpoints.taken_over()
         if self._dispatcher is not None:
