@@ -79,10 +79,14 @@ class Successor:
             return None
         if parent != os.getppid():
             return None  # inherited by accident (a copy of the environment): not ours
-        for fd in (ready, health, control):
-            if fd is not None:
-                os.set_inheritable(fd, False)
-        return cls(parent, _socket(health), _socket(control), ready)
+        try:
+            for fd in (ready, health, control):
+                if fd is not None:
+                    os.set_inheritable(fd, False)
+            return cls(parent, _socket(health), _socket(control), ready)
+        except OSError as exc:
+            log.warning("ignoring %s=%r: %s", ENV, value, exc)
+            return None
 
     def fds(self) -> list[int]:
         return [self._ready_fd] if self._ready_fd >= 0 else []
