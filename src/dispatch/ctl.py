@@ -67,7 +67,10 @@ class ControlClient:
             sock.settimeout(10)
             try:
                 sock.connect(self.path)
-                sock.sendall(ctl_protocol.request(cmd, **args))
+                try:
+                    sock.sendall(ctl_protocol.request(cmd, **args))
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # answered (refused, busy) and closed before reading: the answer is there
                 sock.settimeout(self.timeout + 10)
                 data = _read_line(sock)
             except OSError as exc:
