@@ -286,14 +286,23 @@ def test_stopping_during_an_upgrade_stops_the_new_primary_too(tmp_path: Path) ->
     app.write_text("from tests.apps import pid_app as app\n")
     control = tmp_path / "app.ctl"
     with ServerProcess("slow_app:app", cwd=tmp_path, cli=[
-            "--bind", "127.0.0.1:0", "--workers", "1", "--control", str(control)]) as server:
+            "--bind", "127.0.0.1:0", "--workers", "1", "--control", str(control),
+            "--health", "127.0.0.1:0"]) as server:
         server.wait_ready(1)
+        health = next(a for _, a in listening_sockets(server.pid) if a.startswith("127.") and a != server.address)
         app.write_text("import time\ntime.sleep(20)\nfrom tests.apps import pid_app as app\n")
         result: list[subprocess.CompletedProcess[str]] = []
         waiter = threading.Thread(target=lambda: result.append(ctl(control, "--json", "upgrade")))
         waiter.start()
         new_pid = wait_for(lambda: [p for p in children(server.pid) if _is_primary(p)], 15,
                            what="the new primary")[0]
+        # While it boots, it shares the control and health sockets but answers neither: a
+        # probe or an operator always reaches the primary that serves.
+        for _ in range(20):
+            code, reply = ctl_json(control, "status")
+            assert code == 0 and reply["status"]["primary_pid"] == server.pid and reply["status"]["upgrading"]
+            assert http_get(health, "/readyz")[0] == 200
+        assert pid_alive(new_pid)
         assert ctl(control, "stop").returncode == 0
         waiter.join(30)
         reply = json.loads(result[0].stdout)

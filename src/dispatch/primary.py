@@ -178,10 +178,8 @@ class Server:
                 for sock in self.listeners:
                     self._dispatcher.add_listener(sock)
             self._dispatcher.update_budget(self._fd_reserve())
-        if self.health is not None:
-            self.health.attach(reactor.register, reactor.unregister)
-        if self._endpoints.control is not None:
-            self._endpoints.control.attach(reactor.register, reactor.unregister)
+        if self._successor is None:  # a successor serves them once it has told the old primary
+            self._attach_servers()
         # The new primary imports, binds nothing and boots its workers in this time.
         self._upgrader = Upgrader(reactor.register, reactor.unregister, self.config.boot_timeout + 10,
                                   self._upgrade_ready, self._upgrade_failed)
@@ -201,6 +199,14 @@ class Server:
             reactor.request(request)
         self._early_requests.clear()
         self._apply(self.supervisor.start(time.monotonic()))
+
+    def _attach_servers(self) -> None:
+        """Serve health and control requests from our loop."""
+        assert self._reactor is not None
+        if self.health is not None:
+            self.health.attach(self._reactor.register, self._reactor.unregister)
+        if self._endpoints.control is not None:
+            self._endpoints.control.attach(self._reactor.register, self._reactor.unregister)
 
     def _new_supervisor(self) -> supervisor.Supervisor:
         return supervisor.Supervisor(
@@ -419,12 +425,15 @@ class Server:
         self._readiness.workers_ready(self._ready_count(), self.config.workers)
         successor = self._successor
         if successor is not None and not successor.reported and self._ready_count() >= self.config.workers:
-            # Not before: a new primary that fails, or is killed, must not take a connection with it.
+            # Not before: a new primary that fails, or is killed, must not take a connection with
+            # it, nor answer a probe (/readyz would say 503) or an operator (ctl stop) meant for
+            # the primary that serves.
             if self._dispatcher is not None and self._reactor is not None:
                 for sock in self.listeners:
                     self._dispatcher.add_listener(sock)  # registered idle...
                     if self._dispatcher.accepting:  # ...while the others already accept
                         self._reactor.modify(sock.fileno(), IN)
+            self._attach_servers()
             successor.report_ready()
             self._endpoints.taken_over()
         if self._dispatcher is not None:
