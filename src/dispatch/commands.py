@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from dispatch import control, ctl_protocol, supervisor
 from dispatch.control_socket import Reply
-from dispatch.health.views import ClusterHealthView
+from dispatch.health.views import ClusterHealth, ClusterHealthView
 
 if TYPE_CHECKING:
     from dispatch.primary import Server
@@ -32,6 +32,16 @@ Check = Callable[[], "dict[str, Any] | None"]
 
 _DEFAULT_WAIT = 300.0
 _MAX_WAIT = 3600.0
+
+
+class Status(ClusterHealth):
+    """What ``status`` answers: ``/cluster-health``'s document and these."""
+
+    workers_wanted: int  # the supervisor's target (scale changes it)
+    restarting: bool  # a rolling restart is in progress
+    last_reload: str | None  # "complete" or "aborted: why", None before the first
+    stopping: bool
+    upgrading: bool  # a new primary is starting (dispatch ctl upgrade, SIGUSR1)
 
 
 @dataclass
@@ -84,18 +94,17 @@ class Commands:
                 waiter.reply.send(result)
 
     # ------------------------------------------------------------ status
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         """``/cluster-health``'s document, and what only an operator asks about."""
         sup = self.server.supervisor
-        doc: dict[str, Any] = dict(self._view.document())
-        doc.update({
+        return {
+            **self._view.document(),
             "workers_wanted": sup.workers,
             "restarting": sup.restarting,
             "last_reload": sup.last_restart or None,
             "stopping": sup.stopping,
             "upgrading": self.server.upgrading,
-        })
-        return doc
+        }
 
     def _status(self, request: dict[str, Any], reply: Reply) -> None:
         reply.send({"ok": True, "status": self.status()})

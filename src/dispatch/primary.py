@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from dispatch import control, supervisor
-from dispatch.commands import Commands
+from dispatch.commands import Commands, Status
 from dispatch.config import Config, Handler
 from dispatch.counters import Counters
 from dispatch.dispatcher import Dispatcher
@@ -133,7 +133,7 @@ class Server:
         """The control socket's path, or None without one."""
         return self._endpoints.control.path if self._endpoints.control is not None else None
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         """What ``dispatch ctl status`` shows: ``/cluster-health``'s document and
         ``workers_wanted``, ``restarting``, ``last_reload``, ``stopping``, ``upgrading``."""
         return self._commands.status()
