@@ -7,10 +7,11 @@ application and Python itself. The child inherits the listening sockets as
 systemd passes them (``LISTEN_FDS``, ``LISTEN_PID``, descriptors from 3), which
 ``systemd.listen_sockets()`` already takes, and, named in ``$DISPATCH_UPGRADE``,
 the health and control listeners and the write end of a pipe. The new primary
-(``Successor``) binds nothing, forks its workers, and writes to the pipe once
-they are all ready. Only then does the old one stop accepting, drain its workers
-and exit; both accept from the same listening sockets until then, so a connection
-waiting in a backlog is taken by one or the other, never lost. If the pipe closes
+(``Successor``) binds nothing, forks its workers, and once they are all ready
+starts accepting (and answering health and control requests) and writes to the
+pipe. Only then does the old one stop accepting, drain its workers and exit;
+meanwhile both accept from the same listening sockets, so a connection waiting
+in a backlog is taken by one or the other, never lost. If the pipe closes
 first (the new primary exited: a module that fails to import, a bad option) or
 nothing comes within the timeout (it is killed), the old primary goes on as if
 nothing happened.
