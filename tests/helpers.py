@@ -223,7 +223,7 @@ class ServerProcess:
         if "NOTIFY_SOCKET" not in (env or {}):
             self.notify = NotifySink()
             full_env["NOTIFY_SOCKET"] = self.notify.address
-        self.proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=self._log,
+        self.proc = subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log,
                                      env=full_env, pass_fds=pass_fds)
         self.pid = self.proc.pid
         self.health: str | None = None

@@ -1,5 +1,5 @@
 """Behind a load balancer, without one: PROXY protocol in the worker, drain_delay,
-maintenance (SIGUSR1), the probe port and the agent-check port, each against a real
+maintenance (SIGWINCH), the probe port and the agent-check port, each against a real
 server, with attacks on the new ports. The same with a real HAProxy: tests/test_haproxy.py."""
 
 from __future__ import annotations
@@ -194,13 +194,13 @@ def test_sigusr1_drains_and_undrains_while_serving() -> None:
     with ServerProcess(probe=probe, agent=agent) as server:
         server.wait_ready(2)
         assert agent_line(agent).startswith("up ready ")
-        server.signal(signal.SIGUSR1)
+        server.signal(signal.SIGWINCH)
         wait_for(lambda: http_get(probe, "/readyz")[0] == 503, 5, what="/readyz 503")
         assert "maintenance" in http_get(probe, "/readyz")[1]
         assert agent_line(agent) == "drain\n"
         assert http_get(server.address)[0] == 200  # serving on
         assert server.workers() and len(server.cluster_health()["workers"]) == 2
-        server.signal(signal.SIGUSR1)
+        server.signal(signal.SIGWINCH)
         wait_for(lambda: http_get(probe, "/readyz")[0] == 200, 5, what="/readyz 200 again")
         assert agent_line(agent).startswith("up ready ")
         server.signal(signal.SIGTERM)

@@ -274,9 +274,9 @@ backend app
             wait_for(lambda: lb.weight("app", "s1") >= 90, 20, interval=0.2,
                      what="haproxy's weight to come back when idle")
             # Maintenance: the agent says drain, HAProxy shows DRAIN; and back.
-            server.signal(signal.SIGUSR1)
+            server.signal(signal.SIGWINCH)
             lb.wait_status("app", "s1", "DRAIN (agent)", 10)
-            server.signal(signal.SIGUSR1)
+            server.signal(signal.SIGWINCH)
             lb.wait_status("app", "s1", "UP", 10)
             print(f"\nagent-check weights seen in haproxy under load: {weights}")
     finally:

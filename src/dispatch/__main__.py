@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m dispatch",
         description="Serve MODULE:ATTR on every core: one primary accepts, workers handle.",
         epilog="Signals: TERM/INT graceful stop, QUIT fast stop, HUP/USR2 rolling restart, "
-        "TTIN/TTOU one worker more/less.",
+        "TTIN/TTOU one worker more/less, USR1 upgrade the primary, WINCH maintenance on/off. "
+        "Running servers: python -m dispatch ctl --help, python -m dispatch top --help.",
     )
     parser.add_argument("handler", metavar="MODULE:ATTR", help="the handler, imported by each worker")
     parser.add_argument("--version", action="version", version=f"dispatch {__version__}")
@@ -31,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--certfile", help="TLS certificate chain (PEM); the handshake runs in the worker")
     parser.add_argument("--keyfile", help="TLS private key (PEM), if not in --certfile")
     return parser
+
+
+def _prog() -> str:
+    return "dispatch" if os.path.basename(sys.argv[0]) == "dispatch" else "python -m dispatch"
 
 
 def _help(option: Option) -> str:
@@ -57,6 +62,16 @@ def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # A handler is MODULE:ATTR, so these words cannot be one.
+    if argv[:1] == ["ctl"]:
+        from dispatch import ctl
+
+        return ctl.main(argv[1:], prog=f"{_prog()} ctl")
+    if argv[:1] == ["top"]:
+        from dispatch import top
+
+        return top.main(argv[1:], prog=f"{_prog()} top")
     args = build_parser().parse_args(argv)
     # As with `python -m`, the current directory is importable (workers inherit sys.path).
     if os.getcwd() not in sys.path:

@@ -81,10 +81,12 @@ class AgentServer:
     """
 
     def __init__(self, address: Address, status: Callable[[], Status], weight: Callable[[float], int],
-                 backlog: int = 128) -> None:
+                 backlog: int = 128, listener: socket.socket | None = None) -> None:
+        """``listener``: one already bound (an upgrade hands its predecessor's over)."""
         self.status = status
         self.replies = Replies(weight)
-        self.listener = bind(address, backlog)
+        self.listener = listener if listener is not None else bind(address, backlog)
+        self.listener.setblocking(False)
         self._address = bound_name(self.listener)
         self._register: Register | None = None
         self._unregister: Unregister | None = None
@@ -117,10 +119,14 @@ class AgentServer:
 
     def close(self) -> None:
         """Close the listener. Safe to call twice."""
+        self.stop_listening()
+        self.listener.close()
+
+    def stop_listening(self) -> None:
+        """Take no new clients (another process serves the port now)."""
         if self._listening and self._unregister is not None:
             self._unregister(self.listener.fileno())
         self._listening = False
-        self.listener.close()
 
     def _listen(self) -> None:
         if self._register is not None and not self._listening and self.listener.fileno() >= 0:

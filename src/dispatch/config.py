@@ -7,6 +7,7 @@ option can see, and derives once what the rest of the code reads: addresses, ids
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl as _ssl
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispatch.balance import USER_MODES, ConnectionPolicy, Policy, make_policy
+from dispatch.ctl_protocol import default_path
 from dispatch.options import (
     OPTIONS,
     Address,
@@ -59,6 +61,7 @@ class Config:
     probe: str | None = default("probe")
     agent: str | None = default("agent")
     pidfile: str | None = default("pidfile")
+    control: str | None = default("control")
     preload: bool = default("preload")
     log_level: str = default("log_level")
     accept_batch: int = default("accept_batch")
@@ -117,6 +120,13 @@ class Config:
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)  # frozen: the one place it is set
+
+    @property
+    def control_path(self) -> str | None:
+        """Where the control socket is: ``control``, or beside the pidfile, or nowhere."""
+        if self.control is not None:
+            return os.fspath(self.control)
+        return default_path(os.fspath(self.pidfile)) if self.pidfile else None
 
     @property
     def needs_loads(self) -> bool:

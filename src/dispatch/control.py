@@ -6,6 +6,7 @@ the primary's loop, between two polls.
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 
@@ -37,7 +38,13 @@ class Maintenance:
     on: bool | None = None
 
 
-Request = Stop | Reload | Scale | Maintenance
+@dataclass(frozen=True)
+class Upgrade:
+    """Start a new primary from the same command line (new code on disk) and hand it the
+    sockets once its workers are ready; if it fails, this one keeps serving."""
+
+
+Request = Stop | Reload | Scale | Maintenance | Upgrade
 
 #: The signals operators know (gunicorn's vocabulary).
 SIGNALS: dict[int, Request] = {
@@ -48,5 +55,19 @@ SIGNALS: dict[int, Request] = {
     signal.SIGUSR2: Reload(),
     signal.SIGTTIN: Scale(1),
     signal.SIGTTOU: Scale(-1),
-    signal.SIGUSR1: Maintenance(None),
+    signal.SIGUSR1: Upgrade(),
+    signal.SIGWINCH: Maintenance(None),
 }
+
+
+def resized_terminal() -> bool:
+    """Whether a SIGWINCH may just be a terminal's resize: we are the foreground process
+    group of a terminal on stdin, stdout or stderr. Such a SIGWINCH is not an operator's
+    maintenance request (gunicorn ignores it the same way when not daemonized)."""
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+                return True
+        except OSError:
+            continue
+    return False

@@ -3,7 +3,7 @@
 Pure: requests and the time in, decisions out; the primary carries them out. Two reasons
 to say "not ready" (``/readyz`` 503, agent-check ``drain``/``maint``) while still serving:
 
-- *maintenance*: ``SIGUSR1``, ``Server.drain()``; ``Server.undrain()`` (or ``SIGUSR1``
+- *maintenance*: ``SIGWINCH``, ``dispatch ctl drain``, ``Server.drain()``; ``Server.undrain()`` (or ``SIGWINCH``
   again) ends it. Nothing else changes: workers keep serving every connection that comes;
 - *stopping after a delay*: a graceful stop with ``drain_delay`` keeps accepting and
   serving for that long, so the balancer's health checks see the 503 and stop sending

@@ -258,7 +258,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("agent", None, _tcp_address,
            '`"HOST:PORT"` answering HAProxy\'s `agent-check`: `up` with a weight from the '
            "workers' load (`100%` idle, lower as they fill; never below `1%`), `drain` while "
-           "not ready or drained (`SIGUSR1`), `maint` once stopping (Running a fleet, below)",
+           "not ready or drained (`SIGWINCH`, `dispatch ctl drain`), `maint` once stopping (Running a fleet, below)",
            cli={"metavar": "HOST:PORT"}, shown_default="off",
            cli_help="HOST:PORT answering HAProxy's agent-check with state and a load weight"),
     Option("pidfile", None, _path,
@@ -267,6 +267,11 @@ OPTIONS: tuple[Option, ...] = (
            "place; a symlink, directory or special file at the path is refused; any failure is "
            "one line naming the path",
            cli={"metavar": "PATH"}),
+    Option("control", None, _path,
+           "unix socket for `dispatch ctl` and `dispatch top` (Operating, below): created mode "
+           "0600, and only a peer of the primary's uid or root is served (`SO_PEERCRED`)",
+           cli={"metavar": "PATH"}, shown_default="beside the pidfile (`app.pid`: `app.ctl`); "
+           "none without one", cli_help="unix socket for dispatch ctl and dispatch top"),
     Option("preload", False, _bool,
            "import an import-string handler once in the primary: faster forks, but a rolling "
            "restart then runs the old code",
@@ -372,6 +377,7 @@ class Options(TypedDict, total=False):
     probe: str | None
     agent: str | None
     pidfile: str | None
+    control: str | None
     preload: bool
     log_level: str
     accept_batch: int

@@ -29,11 +29,20 @@ class Pidfile:
         self.path = os.path.abspath(path)
         self._pid: int | None = None
 
-    def create(self) -> None:
-        """Write our pid; a file naming a live process is an error, a dead one is replaced."""
+    def create(self, replacing: int | None = None) -> None:
+        """Write our pid; a file naming a live process is an error, a dead one is replaced,
+        and so is the primary we take over from (``replacing``, in an upgrade)."""
         other = self._read()
-        if other is not None and other != os.getpid() and _alive(other):
+        if other is not None and other not in (os.getpid(), replacing) and _alive(other):
             raise PidfileError(f"pidfile {self.path} names pid {other}, which is running")
+        try:
+            self._write(os.getpid())
+        except OSError as exc:
+            raise PidfileError(f"cannot write pidfile {self.path}: {exc.strerror or exc}") from None
+        self._pid = os.getpid()
+
+    def claim(self) -> None:
+        """Write our pid again (an upgrade failed after the new primary wrote its own)."""
         try:
             self._write(os.getpid())
         except OSError as exc:

@@ -5,7 +5,8 @@ One thread, one epoll loop (``Reactor``). The pieces it drives:
 - ``Endpoints``: listeners, the health endpoint, the pidfile;
 - ``Dispatcher``: the hot path, accepting and passing connections (user-space modes);
 - ``Fleet``: the worker processes, their channels and exits;
-- ``Supervisor``: the pure state machine deciding which workers should exist.
+- ``Supervisor``: the pure state machine deciding which workers should exist;
+- ``Commands`` (the control socket's) and ``Upgrader``/``Successor`` (upgrading the primary).
 
 This module starts them, turns control requests (signals, ``stop()``,
 ``reload()``, ``scale()``) into supervisor calls, runs the periodic work, and
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from dispatch import control, supervisor
 from dispatch.balance import ConnectionPolicy
+from dispatch.commands import Commands, Status
 from dispatch.config import Config, Handler
 from dispatch.counters import Counters
 from dispatch.dispatcher import Dispatcher
@@ -33,13 +35,14 @@ from dispatch.load import LoadMeter
 from dispatch.logs import FailureLog
 from dispatch.options import Options
 from dispatch.processes import WorkerHandle, kill
-from dispatch.reactor import Reactor
+from dispatch.reactor import IN, Reactor
 from dispatch.systemd import Notifier, Readiness
+from dispatch.upgrade import Successor, Upgrader
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from dispatch.agent import Status
+    from dispatch.agent import Status as AgentStatus
 
 log = logging.getLogger("dispatch")
 
@@ -80,6 +83,9 @@ class Server:
         self._readiness = Readiness(self._notifier, self._balance_name())
         self._drain = DrainState()
         self._load = LoadMeter()
+        self._commands = Commands(self)
+        self._successor: Successor | None = None  # set when an upgrade started us
+        self._upgrader: Upgrader | None = None
 
     # ================================================================ what others read
     @property
@@ -134,11 +140,26 @@ class Server:
         """The ready workers' mean load, 0 to 1 (``dispatch.load``); None when none is ready."""
         return self._load.load(self.workers)
 
-    def agent_status(self) -> Status:
+    def agent_status(self) -> AgentStatus:
         """What the agent-check port reports (``dispatch.agent.Status``)."""
-        from dispatch.agent import Status
+        from dispatch.agent import Status as AgentStatus
 
-        return Status(self.supervisor.stopping or self._drain.delaying, self._drain.maintenance, self.load)
+        return AgentStatus(self.supervisor.stopping or self._drain.delaying, self._drain.maintenance, self.load)
+
+    @property
+    def upgrading(self) -> bool:
+        """A new primary was started by an upgrade and is not ready yet."""
+        return self._upgrader is not None and self._upgrader.in_progress
+
+    @property
+    def control_path(self) -> str | None:
+        """The control socket's path, or None without one."""
+        return self._endpoints.control.path if self._endpoints.control is not None else None
+
+    def status(self) -> Status:
+        """What ``dispatch ctl status`` shows: ``/cluster-health``'s document and
+        ``workers_wanted``, ``restarting``, ``last_reload``, ``stopping``, ``upgrading``."""
+        return self._commands.status()
 
     # ================================================================ setup
     def start(self, install_signal_handlers: bool = False) -> None:
@@ -163,7 +184,8 @@ class Server:
 
     def _start(self, install_signal_handlers: bool) -> None:
         fd_limit_level, fd_limit_note = raise_fd_limit()
-        self._endpoints.open(self.config, self)
+        self._successor = Successor.from_environment()
+        self._endpoints.open(self.config, self, self._commands.handle, self._successor)
         self._reactor = reactor = Reactor(self._failures)
         reactor.on_requests(self._on_requests)
         if install_signal_handlers:
@@ -176,11 +198,15 @@ class Server:
                                           self.config.accept_batch, self.config.backlog,
                                           self.config.skip_busy)
             self._fleet.dispatcher = self._dispatcher
-            for sock in self.listeners:
-                self._dispatcher.add_listener(sock)
+            if self._successor is None:  # a successor accepts once it has told the old primary
+                for sock in self.listeners:
+                    self._dispatcher.add_listener(sock)
             self._dispatcher.update_budget(self._fd_reserve())
-        for side in self._endpoints.servers():
-            side.attach(reactor.register, reactor.unregister)
+        if self._successor is None:  # a successor serves them once it has told the old primary
+            self._attach_servers()
+        # The new primary imports, binds nothing and boots its workers in this time.
+        self._upgrader = Upgrader(reactor.register, reactor.unregister, self.config.boot_timeout + 10,
+                                  self._upgrade_ready, self._upgrade_failed)
         if self.config.preload:
             from dispatch.handlers import load_handler
 
@@ -202,6 +228,12 @@ class Server:
         self._early_requests.clear()
         self._apply(self.supervisor.start(time.monotonic()))
 
+    def _attach_servers(self) -> None:
+        """Serve health, probe, agent and control requests from our loop."""
+        assert self._reactor is not None
+        for side in self._endpoints.servers():
+            side.attach(self._reactor.register, self._reactor.unregister)
+
     def _new_supervisor(self) -> supervisor.Supervisor:
         return supervisor.Supervisor(
             workers=self.config.workers,
@@ -220,6 +252,8 @@ class Server:
         """The primary's own descriptors a new worker closes at once."""
         assert self._reactor is not None
         fds = self._reactor.fds() + self._endpoints.fds() + self._notifier.fds()
+        fds += self._upgrader.fds() if self._upgrader is not None else []
+        fds += self._successor.fds() if self._successor is not None else []
         if self.config.user_space:
             fds += [s.fileno() for s in self.listeners]
         return fds
@@ -251,6 +285,15 @@ class Server:
     def undrain(self) -> None:
         """End ``drain()``: ready again."""
         self._request(control.Maintenance(False))
+
+    def upgrade(self) -> None:
+        """Start a new primary from the same command line and hand it the sockets once it
+        is ready (``SIGUSR1``, ``dispatch ctl upgrade``); if it fails, this one serves on."""
+        self._request(control.Upgrade())
+
+    def control_now(self, request: control.Request) -> None:
+        """Carry out ``request`` at once; only from the loop (the control socket's commands)."""
+        self._on_requests([request])
 
     def _request(self, request: control.Request) -> None:
         if self._reactor is None:
@@ -291,11 +334,64 @@ class Server:
             elif isinstance(request, control.Scale):
                 self._apply(self.supervisor.scale(request.delta, now))
             elif isinstance(request, control.Maintenance):
+                if request.on is None and control.resized_terminal():
+                    log.info("SIGWINCH ignored: in a terminal's foreground it is a resize, not a drain "
+                             "request (use dispatch ctl drain, or run in the background)")
+                    continue
                 on = self._drain.set_maintenance(request.on)
                 log.info("%s", "drained: /readyz says 503, serving on" if on else "undrained: ready again")
+            elif isinstance(request, control.Upgrade):
+                why = self.start_upgrade()
+                if why:
+                    log.warning("upgrade refused: %s", why)
 
-    def _shutdown(self, now: float, graceful: bool) -> None:
-        self._notifier.notify(STOPPING=1)
+    # ================================================================ upgrade
+    def start_upgrade(self) -> str:
+        """Start a new primary (see ``dispatch.upgrade``); why not, or "" when started or
+        already in progress (its outcome is logged and told to ``ctl upgrade``)."""
+        if self._upgrader is None:
+            return "the server is not started"
+        if self.supervisor.stopping:
+            return "the primary is shutting down"
+        if self._upgrader.in_progress:
+            return ""
+        if self.config.balance == "reuseport":
+            return "balance=reuseport: the workers' own listeners cannot be handed over; restart instead"
+        if self._successor is not None and not self._successor.reported:
+            return "this primary is still taking over from the previous one"
+        health = self.health.listener if self.health is not None else None
+        ctl = self._endpoints.control.listener if self._endpoints.control is not None else None
+        try:
+            self._upgrader.start(self.listeners, health, ctl, **self._endpoints.side_listeners())
+        except OSError as exc:
+            return f"cannot start a new primary: {exc}"
+        return ""
+
+    def _upgrade_ready(self, new_pid: int) -> None:
+        log.info("upgrade: new primary %d serves; this one stops accepting and drains", new_pid)
+        self._notifier.notify(MAINPID=new_pid)
+        self._commands.upgrade_done(os.getpid(), new_pid)
+        self._endpoints.handed_over()
+        self._stop_requested += 1
+        self._shutdown(time.monotonic(), graceful=True, notify=False)
+
+    def _upgrade_failed(self, why: str) -> None:
+        log.error("upgrade failed: %s; this primary keeps serving", why)
+        if self._endpoints.pidfile is not None:
+            try:
+                self._endpoints.pidfile.claim()  # the new primary wrote its pid there
+            except Exception as exc:
+                log.error("%s", exc)
+        self._commands.upgrade_failed(why, self._upgrader.failed_pid if self._upgrader else 0)
+
+    def _shutdown(self, now: float, graceful: bool, notify: bool = True) -> None:
+        if notify:  # not after an upgrade: the service goes on, in the new primary
+            self._notifier.notify(STOPPING=1)
+        if self._upgrader is not None and self._upgrader.in_progress:
+            # Asked to stop mid-upgrade: the half-started new primary goes too.
+            pid = self._upgrader.pid
+            self._upgrader.abandon()
+            self._commands.upgrade_failed(f"this primary was asked to stop; stopped new primary {pid}", pid)
         dispatcher = self._dispatcher
         if dispatcher is not None:
             dispatcher.stop_accepting()
@@ -366,16 +462,35 @@ class Server:
             side.tick(now)
         if self._endpoints.agent is not None:
             self._load.sample(self.workers.values(), now)
+        self._commands.tick(now)
+        if self._upgrader is not None:
+            self._upgrader.tick(now)
         if self._dispatcher is not None:
             self._dispatcher.tick(now, self._fd_reserve())
 
     def _fd_reserve(self) -> int:
-        """Descriptors kept free for others than connections: health and probe clients."""
-        return sum(s.max_clients for s in (self.health, self._endpoints.probe) if s is not None)
+        """Descriptors kept free for others than connections: health, probe and control
+        clients, and an upgrade's pipe and pidfd."""
+        control = self._endpoints.control
+        return (sum(s.max_clients for s in (self.health, self._endpoints.probe) if s is not None)
+                + (control.max_clients + 2 if control is not None else 0))
 
     # ================================================================ readiness
     def _on_ready(self) -> None:
         self._readiness.workers_ready(self._ready_count(), self.config.workers)
+        successor = self._successor
+        if successor is not None and not successor.reported and self._ready_count() >= self.config.workers:
+            # Not before: a new primary that fails, or is killed, must not take a connection with
+            # it, nor answer a probe (/readyz would say 503) or an operator (ctl stop) meant for
+            # the primary that serves.
+            if self._dispatcher is not None and self._reactor is not None:
+                for sock in self.listeners:
+                    self._dispatcher.add_listener(sock)  # registered idle...
+                    if self._dispatcher.accepting:  # ...while the others already accept
+                        self._reactor.modify(sock.fileno(), IN)
+            self._attach_servers()
+            successor.report_ready()
+            self._endpoints.taken_over()
         if self._dispatcher is not None:
             self._dispatcher.rebuild_targets()
             if self._dispatcher.pending:
@@ -417,6 +532,10 @@ class Server:
     # ================================================================ teardown
     def _release(self) -> None:
         """Kill and reap every worker, close everything we opened, restore the signals."""
+        if self._upgrader is not None:
+            self._upgrader.abandon()
+        if self._successor is not None:
+            self._successor.close()
         if self._fleet is not None:
             self._fleet.release()
         if self._dispatcher is not None:

@@ -70,6 +70,9 @@ class Supervisor:
     restart_queue: list[int] = field(default_factory=list)  # old pids still to replace
     restarting: bool = False
     reload_pending: bool = False
+    #: Rolling restarts over (complete or aborted), and how the last one ended.
+    restarts_finished: int = 0
+    last_restart: str = ""
     boot_failures_total: int = 0
     exit_code: int = 0
     #: Workers replaced, by cause: exit, signal, timeout, recycle, spawn (a fork that failed).
@@ -380,6 +383,8 @@ class Supervisor:
             actions.append(Spawn(old.worker_id, old.pid))
         if not self.restart_queue and in_flight == 0:
             self.restarting = False
+            self.restarts_finished += 1
+            self.last_restart = "complete"
             actions.append(Log(logging.INFO, "rolling restart complete"))
             if self.reload_pending:
                 self.reload_pending = False
@@ -399,6 +404,9 @@ class Supervisor:
                 slot.recycle_not_before = now + delay
                 retry = f"; recycling worker {old.worker_id} again in {delay:g}s"
         was_rolling = self.restarting
+        if was_rolling:
+            self.restarts_finished += 1
+            self.last_restart = f"aborted: {why}"
         self.restarting = False
         self.reload_pending = False
         self.restart_queue.clear()

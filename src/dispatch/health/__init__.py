@@ -13,6 +13,8 @@ The primary's one entry is :class:`HealthServer`. The rooms behind it:
 
 from __future__ import annotations
 
+import socket
+
 from dispatch.config import Address
 from dispatch.health.http import text
 from dispatch.health.server import HTTPServer, Register, Route, Unregister
@@ -32,7 +34,8 @@ class HealthServer(HTTPServer):
     """
 
     def __init__(self, server: PrimaryView, address: Address, *, timeout: float = 5.0,
-                 max_clients: int = 64, max_head: int = 8192, backlog: int = 128) -> None:
+                 max_clients: int = 64, max_head: int = 8192, backlog: int = 128,
+                 listener: socket.socket | None = None) -> None:
         self.server = server
         routes: dict[str, Route] = {
             "/cluster-health": ClusterHealthView(server),
@@ -41,7 +44,7 @@ class HealthServer(HTTPServer):
             "/readyz": lambda: readyz(server),
         }
         super().__init__(address, routes, timeout=timeout, max_clients=max_clients,
-                         max_head=max_head, backlog=backlog)
+                         max_head=max_head, backlog=backlog, listener=listener)
 
 
 class ProbeServer(HTTPServer):
@@ -49,10 +52,11 @@ class ProbeServer(HTTPServer):
     or Kubernetes needs, reachable from them, without the internals of the health port."""
 
     def __init__(self, server: PrimaryView, address: Address, *, timeout: float = 5.0,
-                 max_clients: int = 64, max_head: int = 8192, backlog: int = 128) -> None:
+                 max_clients: int = 64, max_head: int = 8192, backlog: int = 128,
+                 listener: socket.socket | None = None) -> None:
         routes: dict[str, Route] = {"/healthz": healthz, "/readyz": lambda: readyz(server)}
         super().__init__(address, routes, timeout=timeout, max_clients=max_clients,
-                         max_head=max_head, backlog=backlog)
+                         max_head=max_head, backlog=backlog, listener=listener)
 
 
 def _metrics_route(server: PrimaryView) -> Route:

@@ -70,13 +70,15 @@ class HTTPServer:
     """
 
     def __init__(self, address: Address, routes: Mapping[str, Route], *, timeout: float = 5.0,
-                 max_clients: int = 64, max_head: int = 8192, backlog: int = 128) -> None:
+                 max_clients: int = 64, max_head: int = 8192, backlog: int = 128,
+                 listener: socket.socket | None = None) -> None:
         self.routes = routes
         self.timeout = timeout
         self.max_clients = max_clients
         self.max_head = max_head
         #: The listening socket: options set on it are inherited by accepted clients.
-        self.listener = bind(address, backlog)
+        self.listener = listener if listener is not None else bind(address, backlog)
+        self.listener.setblocking(False)
         self._address = bound_name(self.listener)
         self._clients: dict[int, _Client] = {}  # in accept order: oldest first
         self._register: Register | None = None
@@ -127,6 +129,10 @@ class HTTPServer:
         """Close every client and the listener. Safe to call twice."""
         for client in list(self._clients.values()):
             self._drop(client)
+        self.stop_listening()
+
+    def stop_listening(self) -> None:
+        """Take no new clients (another process serves the port now); answer the ones here."""
         if self._listening and self._unregister is not None:
             self._unregister(self.listener.fileno())
         self._listening = False
