@@ -80,9 +80,10 @@ class Dispatcher:
 
     # ------------------------------------------------------------ listeners
     def add_listener(self, sock: socket.socket) -> None:
+        """Accept on ``sock`` too: at once if the others are accepting, else when they do."""
         fd = sock.fileno()
         self._listen_fds.append(fd)
-        self.reactor.register(fd, 0, self._make_acceptor(fd))
+        self.reactor.register(fd, IN if self.accepting else 0, self._make_acceptor(fd))
 
     def _make_acceptor(self, listen_fd: int) -> Callable[[int], None]:
         accept_batch = _fdpass.accept_batch

@@ -35,7 +35,7 @@ from dispatch.load import LoadMeter
 from dispatch.logs import FailureLog
 from dispatch.options import Options
 from dispatch.processes import WorkerHandle, kill
-from dispatch.reactor import IN, Reactor
+from dispatch.reactor import Reactor
 from dispatch.systemd import Notifier, Readiness
 from dispatch.upgrade import Successor, Upgrader
 
@@ -483,11 +483,9 @@ class Server:
             # Not before: a new primary that fails, or is killed, must not take a connection with
             # it, nor answer a probe (/readyz would say 503) or an operator (ctl stop) meant for
             # the primary that serves.
-            if self._dispatcher is not None and self._reactor is not None:
+            if self._dispatcher is not None:
                 for sock in self.listeners:
-                    self._dispatcher.add_listener(sock)  # registered idle...
-                    if self._dispatcher.accepting:  # ...while the others already accept
-                        self._reactor.modify(sock.fileno(), IN)
+                    self._dispatcher.add_listener(sock)
             self._attach_servers()
             successor.report_ready()
             self._endpoints.taken_over()
