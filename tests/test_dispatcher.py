@@ -15,7 +15,6 @@ import select
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -334,62 +333,3 @@ def test_least_connections_and_sticky_pass_over_a_worker_that_is_not_reading(har
         h.dispatch(1)
         h.dispatcher.on_done(b, h.received(b))
     assert h.received(a) > 1
-
-
-# ------------------------------------------------------------------ pull (least-connections)
-def _queue(h: Any, count: int) -> None:
-    """``count`` accepted connections waiting in the primary, passed on as after an accept."""
-    h.dispatcher.pending.extend(h.connections(count))
-    h.dispatcher.dispatch_pending()
-
-
-def _finish(h: Any, worker: WorkerHandle, count: int) -> int:
-    """The worker reads what it was given and reports ``count`` finished; returns what it read."""
-    got = h.received(worker)
-    h.from_worker(worker, protocol.Done(count))
-    h.fleet._on_channel(worker, IN)
-    return got
-
-
-def test_pull_gives_each_idle_worker_one_and_holds_the_rest_for_the_next_done(harness: Any) -> None:
-    h = harness(balance="least-connections")
-    a, b = h.worker(0), h.worker(1)
-    _queue(h, 4)
-    assert (a.sent, b.sent, len(h.dispatcher.pending)) == (1, 1, 2)
-    assert h.dispatcher.hold_until > 0 and h.dispatcher.accepting  # held, still accepting
-    # Worker 0 is stuck in its connection; worker 1 keeps finishing: it gets the rest, one by one.
-    assert _finish(h, b, 1) == 1
-    assert (a.sent, b.sent, len(h.dispatcher.pending)) == (1, 2, 1)
-    assert _finish(h, b, 1) == 1
-    assert (a.sent, b.sent, len(h.dispatcher.pending)) == (1, 3, 0)
-    assert h.dispatcher.hold_until == 0
-    assert (h.received(a), h.received(b)) == (1, 1)
-
-
-def test_held_connections_are_pushed_when_no_worker_finishes_one(harness: Any) -> None:
-    h = harness(balance="least-connections")
-    a, b = h.worker(0), h.worker(1)
-    _queue(h, 4)
-    assert len(h.dispatcher.pending) == 2
-    wait = h.dispatcher.wake_in(time.monotonic())
-    assert wait is not None and 0 < wait <= dispatcher_module.PULL_WAIT
-    h.dispatcher.release_held(time.monotonic())  # too early: nothing moves
-    assert len(h.dispatcher.pending) == 2
-    h.dispatcher.hold_until = time.monotonic() - 0.001  # PULL_WAIT without a Done
-    h.dispatcher.release_held(time.monotonic())
-    assert (a.sent, b.sent, len(h.dispatcher.pending), h.dispatcher.hold_until) == (2, 2, 0, 0)
-
-
-def test_more_than_a_few_waiting_is_load_not_pull(harness: Any) -> None:
-    h = harness(balance="least-connections")
-    a, b = h.worker(0), h.worker(1)
-    _queue(h, 2 * dispatcher_module.PULL_QUEUE + 1)  # more per worker than pull holds
-    assert (a.sent + b.sent, len(h.dispatcher.pending)) == (5, 0)
-    assert h.dispatcher.hold_until == 0
-
-
-def test_round_robin_and_skip_busy_off_never_hold(harness: Any) -> None:
-    for h in (harness(), harness(balance="least-connections", skip_busy=False)):
-        a, b = h.worker(0), h.worker(1)
-        _queue(h, 4)
-        assert (a.sent, b.sent, len(h.dispatcher.pending)) == (2, 2, 0)

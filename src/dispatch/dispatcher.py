@@ -34,14 +34,6 @@ _FDS_MESSAGES = [protocol.encode_fds(n) for n in range(_fdpass.SCM_MAX_FD + 1)]
 # Descriptors kept free in the primary's own table, beyond the accept batch, for
 # spawning (a socketpair and a pidfd per worker) and the like.
 FD_RESERVE = 32
-# Pull: when some workers hold no connection, each of them gets one and the rest of the
-# batch waits in the primary for the next to finish one. It is pushed by the policy when
-# no worker has finished one for PULL_WAIT seconds (all are blocked or busy with long
-# requests), and at the latest PULL_MAX seconds after the wait began.
-PULL_WAIT = 0.002
-PULL_MAX = 0.010
-# More than this many connections waiting per worker is not light load: push them.
-PULL_QUEUE = 2
 # Backoff of accepting after an accept error: doubles from the first to the last.
 ACCEPT_BACKOFF = (0.05, 1.0)
 
@@ -59,10 +51,6 @@ class Dispatcher:
         self.failures = failures
         self.backlog = backlog
         self.skip_busy = skip_busy
-        # Pull needs fresh counts: only with policies whose workers report every loop pass.
-        self.pull = skip_busy and bool(self.policy.needs_loads) and not self.policy.per_connection
-        self.hold_until = 0.0  # while connections wait for an idle worker (pull); 0: none wait
-        self._hold_limit = 0.0  # the latest hold_until may move to
         self.targets: list[WorkerHandle] = []  # who can take a connection now
         self.pending: array.array[int] = array.array("i")  # accepted or taken back, not yet passed on
         self.accepting = False
@@ -96,10 +84,7 @@ class Dispatcher:
                 self._accept_failed(exc)
                 return
             self._accept_failures = 0
-            if count and self.pending:  # held for pull: the new ones wait behind them
-                self.pending.extend(buf[:count])
-                self.dispatch_pending()
-            elif count:
+            if count:
                 left_at, left = self.dispatch(buf, 0, count)
                 if left:
                     self.pending.extend(buf[left_at : left_at + left])
@@ -120,10 +105,9 @@ class Dispatcher:
         self._set_accepting(False)
 
     def update_accepting(self) -> None:
-        """Accept only while some worker can take connections and nothing is waiting (but
-        what is held for pull: then the load may grow past pulling)."""
+        """Accept only while some worker can take connections and nothing is waiting."""
         want = (
-            bool(self.targets) and (not self.pending or bool(self.hold_until)) and not self._accept_resume_at
+            bool(self.targets) and not self.pending and not self._accept_resume_at
             and not self.stopping and self.outstanding < self.budget
         )
         if want != self.accepting:
@@ -198,19 +182,6 @@ class Dispatcher:
             if self.skip_busy and len(targets) > 1:
                 targets = self._reading(targets)
             batch = count if count <= room else room
-            if (self.pull and len(self.targets) > 1 and count <= PULL_QUEUE * len(self.targets)
-                    and not self._hold_over()):
-                # Pull, while few connections wait: one to each worker that holds none, the
-                # rest waits here for the next to finish one (Done), rather than in the
-                # channel of a worker whose loop may be blocked by the one it holds.
-                if not self.hold_until:
-                    now = time.monotonic()
-                    self.hold_until = now + PULL_WAIT
-                    self._hold_limit = now + PULL_MAX
-                targets = [w for w in targets if w.sent == w.done][:batch]
-                if not targets:
-                    break
-                batch = len(targets)
             loads = [w.sent - w.done for w in targets] if self.policy.needs_loads else ()
             shares = self.policy.assign(batch, loads, len(targets))
             credit_spent = False
@@ -244,31 +215,9 @@ class Dispatcher:
                     share -= chunk
             if credit_spent:
                 self.rebuild_targets()
-            elif self.hold_until:
-                break  # pulled: the rest waits for a Done or the end of the hold
             elif self.targets is unchanged and self.outstanding < self.budget:
                 break  # nothing changed and nothing is left to try this time
-        if not count:
-            self.hold_until = 0.0
         return start, count
-
-    def _hold_over(self) -> bool:
-        """Connections have waited PULL_WAIT for an idle worker: push them now."""
-        if self.hold_until and time.monotonic() >= self.hold_until:
-            self.hold_until = 0.0
-            return True
-        return False
-
-    def release_held(self, now: float) -> None:
-        """Push the connections that waited PULL_WAIT for an idle worker (the loop's timer)."""
-        if self.hold_until and now >= self.hold_until and self.pending and self.targets:
-            self.dispatch_pending()
-
-    def wake_in(self, now: float) -> float | None:
-        """Seconds until held connections must be pushed, or None when none are held."""
-        if not self.hold_until or not self.pending or not self.targets:
-            return None  # nothing held, or no one to push to: a Done or a tick will come
-        return max(0.0, self.hold_until - now)
 
     def _dispatch_each(self, buf: array.array[int], start: int, count: int) -> tuple[int, int]:
         """The per-connection path: the policy sees each client's address."""
@@ -355,8 +304,6 @@ class Dispatcher:
             return
         worker.done += count
         self.outstanding -= count
-        if self.hold_until:  # a worker is finishing connections: keep pulling a little longer
-            self.hold_until = min(self._hold_limit, time.monotonic() + PULL_WAIT)
         if worker.out_of_credit:
             self.rebuild_targets()
         elif not self.accepting:

@@ -412,14 +412,10 @@ class Server:
         self._running = True
         poll = self._reactor.poll
         next_tick = time.monotonic() + _TICK
-        dispatcher = self._dispatcher
         try:
             while self._running:
-                held = dispatcher.wake_in(time.monotonic()) if dispatcher is not None else None
-                poll(_TICK if held is None else min(_TICK, held))
+                poll(_TICK)
                 now = time.monotonic()
-                if held is not None and dispatcher is not None:
-                    dispatcher.release_held(now)
                 if now >= next_tick:
                     next_tick = now + _TICK
                     self._tick(now)
