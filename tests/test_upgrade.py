@@ -202,6 +202,32 @@ def test_sigusr1_upgrades_and_keeps_unix_sockets(tmp_path: Path, balance: str) -
 
 
 
+def _free_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_an_upgrade_hands_over_the_probe_and_agent_ports(tmp_path: Path) -> None:
+    # The new primary cannot bind them while the old one has them: it inherits them instead.
+    pidfile, probe, agent = tmp_path / "app.pid", _free_address(), _free_address()
+    new_pid, new_workers = 0, []
+    with ServerProcess(cli=["--bind", "127.0.0.1:0", "--workers", "1", "--pidfile", str(pidfile),
+                            "--probe", probe, "--agent", agent]) as server:
+        server.wait_ready(1)
+        assert http_get(probe, "/readyz")[0] == 200
+        server.signal(signal.SIGUSR1)
+        new_pid = wait_for(lambda: read_pid(pidfile) if read_pid(pidfile) != server.pid else 0, 30,
+                           what="the new primary's pid in the pidfile")
+        assert server.wait(30) == 0
+        new_workers = sorted(children(new_pid))
+        assert http_get(probe, "/readyz")[0] == 200  # the old primary is gone: the new one answers
+        host, _, port = agent.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            assert b"up" in sock.recv(256)
+    stop_new_primary(new_pid, new_workers)
+
+
 def test_reuseport_cannot_upgrade_and_says_why(tmp_path: Path) -> None:
     control = tmp_path / "app.ctl"
     with ServerProcess(cli=["--bind", "127.0.0.1:0", "--workers", "1", "--balance", "reuseport",
