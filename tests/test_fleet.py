@@ -189,7 +189,7 @@ def test_drain_delay_turns_readyz_503_at_once_and_serves_until_it_is_over() -> N
         assert time.monotonic() - signalled >= 1.9
 
 
-def test_sigusr1_drains_and_undrains_while_serving() -> None:
+def test_sigwinch_drains_and_undrains_while_serving() -> None:
     probe, agent = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     with ServerProcess(probe=probe, agent=agent) as server:
         server.wait_ready(2)
@@ -333,3 +333,53 @@ def test_kernel_modes_read_the_header_too(balance: str) -> None:
         server.wait_ready(2)  # reuseport: the workers' own listeners exist once they are ready
         answer = exchange(server.address, v1_header(("203.0.113.9", 4242), ("10.0.0.1", 80)) + GET)
         assert client_of(answer) == ("203.0.113.9", 4242)
+
+
+def test_sigwinch_from_a_resized_terminal_is_not_a_drain() -> None:
+    # In a terminal's foreground a window resize sends SIGWINCH: that must not take the
+    # server out of a load balancer. The primary runs as the foreground job of a pty.
+    import fcntl
+    import os
+    import pty
+    import subprocess
+    import sys
+    import termios
+
+    from tests.helpers import ROOT, children, pid_alive
+
+    health = f"127.0.0.1:{free_port()}"
+    master, slave = pty.openpty()
+
+    def own_terminal() -> None:  # after setsid: the pty becomes our controlling terminal
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dispatch", "tests.apps:pid_app", "--bind", "127.0.0.1:0", "--workers", "1",
+         "--health", health],
+        cwd=ROOT, stdin=slave, stdout=slave, stderr=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=own_terminal, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    os.close(slave)
+    try:
+        def ready() -> bool:
+            try:
+                return http_get(health, "/readyz")[0] == 200
+            except OSError:  # not listening yet
+                return False
+
+        wait_for(ready, 20, what="ready")
+        proc.send_signal(signal.SIGWINCH)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTTIN)  # handled after the SIGWINCH: a marker we can see
+        wait_for(lambda: len(children(proc.pid)) == 2, 20, what="the second worker")
+        wait_for(lambda: http_get(health, "/cluster-health")[1].count('"ready"') == 2, 20,
+                 what="two workers ready")
+        assert http_get(health, "/readyz")[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        os.close(master)
+    assert not pid_alive(proc.pid)
