@@ -20,23 +20,18 @@ short enough that an operator's own ``set server ... state maint`` holds afterwa
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import select
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dispatch.health.server import Register, Unregister
 from dispatch.listeners import bind, bound_name
+from dispatch.side_server import SideServer
 from dispatch.values import Address
 
 log = logging.getLogger("dispatch")
 
-_ACCEPT_BATCH = 16  # per readiness event; epoll is level-triggered, the rest waits a turn
-_ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like
-_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 #: Seconds the agent says ``ready`` after it goes (back) to ``up``: several of HAProxy's
 #: default ``agent-inter`` (2 s), for every balancer that polls it.
 READY_WINDOW = 30.0
@@ -73,25 +68,22 @@ class Replies:
         return f"{words} {self._weight(status.load)}%\n".encode()
 
 
-class AgentServer:
+class AgentServer(SideServer):
     """Answers every connection on ``address`` with a line for ``status()`` and closes it.
 
     Binds and listens at once (``BindError`` names the address); serves once ``attach()``
     has put its listener into the owner's epoll loop.
     """
 
+    kind = "agent"
+
     def __init__(self, address: Address, status: Callable[[], Status], weight: Callable[[float], int],
                  backlog: int = 128, listener: socket.socket | None = None) -> None:
         """``listener``: one already bound (an upgrade hands its predecessor's over)."""
         self.status = status
         self.replies = Replies(weight)
-        self.listener = listener if listener is not None else bind(address, backlog)
-        self.listener.setblocking(False)
+        super().__init__(listener if listener is not None else bind(address, backlog))
         self._address = bound_name(self.listener)
-        self._register: Register | None = None
-        self._unregister: Unregister | None = None
-        self._listening = False
-        self._accept_resume_at = 0.0
         self.answered = 0
 
     @property
@@ -102,55 +94,21 @@ class AgentServer:
     def __str__(self) -> str:
         return self._address
 
-    def attach(self, register: Register, unregister: Unregister) -> None:
-        """Start serving from the owner's epoll loop."""
-        self._register, self._unregister = register, unregister
-        self._listen()
-
     def fds(self) -> list[int]:
         """Every descriptor this owns (a forked worker closes them)."""
         return [self.listener.fileno()] if self.listener.fileno() >= 0 else []
 
     def tick(self, now: float) -> None:
         """Resume accepting after a pause (``now`` is ``time.monotonic()``)."""
-        if self._accept_resume_at and now >= self._accept_resume_at:
-            self._accept_resume_at = 0.0
-            self._listen()
+        self._resume_accepting(now)
 
     def close(self) -> None:
         """Close the listener. Safe to call twice."""
         self.stop_listening()
-        self.listener.close()
 
-    def stop_listening(self) -> None:
-        """Take no new clients (another process serves the port now)."""
-        if self._listening and self._unregister is not None:
-            self._unregister(self.listener.fileno())
-        self._listening = False
-
-    def _listen(self) -> None:
-        if self._register is not None and not self._listening and self.listener.fileno() >= 0:
-            self._register(self.listener.fileno(), select.EPOLLIN, self._on_listener)
-            self._listening = True
-
-    def _on_listener(self, events: int) -> None:
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _OUT_OF_DESCRIPTORS:
-                    # The listener stays readable: stop watching it instead of spinning.
-                    log.error("agent: accept failed: %s; pausing for %gs", exc, _ACCEPT_PAUSE)
-                    assert self._unregister is not None
-                    self._unregister(self.listener.fileno())
-                    self._listening = False
-                    self._accept_resume_at = time.monotonic() + _ACCEPT_PAUSE
-                    return
-                continue  # ECONNABORTED and friends: that client is gone
-            with sock:
-                self._answer(sock)
+    def _accepted(self, sock: socket.socket) -> None:
+        with sock:
+            self._answer(sock)
 
     def _answer(self, sock: socket.socket) -> None:
         sock.setblocking(False)

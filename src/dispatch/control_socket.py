@@ -31,15 +31,11 @@ from typing import Any
 
 from dispatch import ctl_protocol
 from dispatch.listeners import BindError
+from dispatch.side_server import SideServer
 
 log = logging.getLogger("dispatch")
 
-Register = Callable[[int, int, Callable[[int], None]], None]
-Unregister = Callable[[int], None]
 
-_ACCEPT_BATCH = 16
-_ACCEPT_PAUSE = 1.0
-_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -79,12 +75,14 @@ class _Client:
         self.peer_pid = peer_pid
 
 
-class ControlServer:
+class ControlServer(SideServer):
     """Serves control requests on the unix socket ``path`` from its owner's loop.
 
     Binds at once (``ControlError`` names the path), or takes ``listener``, a
     socket inherited from the primary it replaces. ``attach()`` starts serving.
     """
+
+    kind = "control socket"
 
     def __init__(self, path: str, handle: Handler, *, listener: socket.socket | None = None,
                  timeout: float = 5.0, max_clients: int = 16) -> None:
@@ -92,23 +90,14 @@ class ControlServer:
         self.handle = handle
         self.timeout = timeout
         self.max_clients = max_clients
-        self.listener = listener if listener is not None else _bind(self.path)
-        self.listener.setblocking(False)
+        super().__init__(listener if listener is not None else _bind(self.path))
         self._clients: dict[int, _Client] = {}  # oldest first
-        self._register: Register | None = None
-        self._unregister: Unregister | None = None
-        self._listening = False
-        self._accept_resume_at = 0.0
         #: Remove the socket file on close: False once another primary has taken it over.
         self.owns_path = listener is None
         self.refused = 0  # peers of another uid
         self.rejected = 0  # bad requests answered with an error
 
     # ------------------------------------------------------------ the owner's API
-    def attach(self, register: Register, unregister: Unregister) -> None:
-        self._register, self._unregister = register, unregister
-        self._listen()
-
     def fds(self) -> list[int]:
         fds = [c.fd for c in self._clients.values()]
         if self.listener.fileno() >= 0:
@@ -123,16 +112,7 @@ class ControlServer:
                 self.answer(client, ctl_protocol.error(f"no complete request within {self.timeout:g}s"))
             else:
                 self._drop(client)
-        if self._accept_resume_at and now >= self._accept_resume_at:
-            self._accept_resume_at = 0.0
-            self._listen()
-
-    def stop_listening(self) -> None:
-        """Accept no more clients (a new primary took the socket over); answer the ones here."""
-        if self._listening and self._unregister is not None:
-            self._unregister(self.listener.fileno())
-        self._listening = False
-        self.listener.close()
+        self._resume_accepting(now)
 
     def close(self) -> None:
         """Close every client and the listener; remove the file if it is still ours. Safe twice."""
@@ -154,29 +134,6 @@ class ControlServer:
         client.state, client.out = "writing", memoryview(data)
         client.deadline = time.monotonic() + self.timeout
         self._write(client)
-
-    # ------------------------------------------------------------ accepting
-    def _listen(self) -> None:
-        if self._register is not None and not self._listening and self.listener.fileno() >= 0:
-            self._register(self.listener.fileno(), select.EPOLLIN, self._on_listener)
-            self._listening = True
-
-    def _on_listener(self, events: int) -> None:
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _OUT_OF_DESCRIPTORS:
-                    log.error("control socket: accept failed: %s; pausing for %gs", exc, _ACCEPT_PAUSE)
-                    assert self._unregister is not None
-                    self._unregister(self.listener.fileno())
-                    self._listening = False
-                    self._accept_resume_at = time.monotonic() + _ACCEPT_PAUSE
-                    return
-                continue
-            self._accepted(sock)
 
     def _accepted(self, sock: socket.socket) -> None:
         sock.setblocking(False)

@@ -17,9 +17,10 @@ import socket
 
 from dispatch.config import Address
 from dispatch.health.http import text
-from dispatch.health.server import HTTPServer, Register, Route, Unregister
+from dispatch.health.server import HTTPServer, Route
 from dispatch.health.source import PrimaryView, WorkerView
 from dispatch.health.views import ClusterHealthView, healthz, readyz
+from dispatch.side_server import Register, Unregister
 
 __all__ = ["HTTPServer", "HealthServer", "PrimaryView", "ProbeServer", "Register", "Unregister",
            "WorkerView"]
@@ -50,6 +51,8 @@ class HealthServer(HTTPServer):
 class ProbeServer(HTTPServer):
     """Only ``/healthz`` and ``/readyz`` on ``address`` (``--probe``): what a load balancer
     or Kubernetes needs, reachable from them, without the internals of the health port."""
+
+    kind = "probe port"
 
     def __init__(self, server: PrimaryView, address: Address, *, timeout: float = 5.0,
                  max_clients: int = 64, max_head: int = 8192, backlog: int = 128,

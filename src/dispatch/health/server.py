@@ -24,7 +24,6 @@ describe: the health views are in :mod:`dispatch.health.views` and
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import select
 import socket
@@ -34,18 +33,13 @@ from collections.abc import Callable, Mapping
 from dispatch.config import Address
 from dispatch.health.http import HTTPError, head_end, parse_request_line, strip_body, text
 from dispatch.listeners import bind, bound_name
+from dispatch.side_server import Callback, SideServer
 
 log = logging.getLogger("dispatch.health")
 
-Callback = Callable[[int], None]
-Register = Callable[[int, int, Callback], None]
-Unregister = Callable[[int], None]
 #: A route answers with a complete response (see ``dispatch.health.http.render``).
 Route = Callable[[], bytes]
 
-_ACCEPT_BATCH = 16  # per readiness event; epoll is level-triggered, the rest waits a turn
-_ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like
-_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class _Client:
@@ -62,12 +56,14 @@ class _Client:
         self.writing = False  # registered for EPOLLOUT instead of EPOLLIN
 
 
-class HTTPServer:
+class HTTPServer(SideServer):
     """Answers ``GET``/``HEAD`` for ``routes`` on ``address``, from its owner's loop.
 
     Binds and listens at once (``BindError`` names the address); serves once
     ``attach()`` has put its sockets into the owner's epoll loop.
     """
+
+    kind = "health endpoint"
 
     def __init__(self, address: Address, routes: Mapping[str, Route], *, timeout: float = 5.0,
                  max_clients: int = 64, max_head: int = 8192, backlog: int = 128,
@@ -76,15 +72,9 @@ class HTTPServer:
         self.timeout = timeout
         self.max_clients = max_clients
         self.max_head = max_head
-        #: The listening socket: options set on it are inherited by accepted clients.
-        self.listener = listener if listener is not None else bind(address, backlog)
-        self.listener.setblocking(False)
+        super().__init__(listener if listener is not None else bind(address, backlog))
         self._address = bound_name(self.listener)
         self._clients: dict[int, _Client] = {}  # in accept order: oldest first
-        self._register: Register | None = None
-        self._unregister: Unregister | None = None
-        self._listening = False
-        self._accept_resume_at = 0.0
         self.refused = 0  # clients turned away because every slot was writing an answer
         self.evicted = 0  # clients closed before their request to make room for a newcomer
 
@@ -102,11 +92,6 @@ class HTTPServer:
         return self._address
 
     # ------------------------------------------------------------ the owner's API
-    def attach(self, register: Register, unregister: Unregister) -> None:
-        """Start serving from the owner's epoll loop."""
-        self._register, self._unregister = register, unregister
-        self._listen()
-
     def fds(self) -> list[int]:
         """Every descriptor this owns (a forked worker closes them)."""
         fds = [c.fd for c in self._clients.values()]
@@ -121,22 +106,13 @@ class HTTPServer:
         """
         for client in [c for c in self._clients.values() if now >= c.deadline]:
             self._drop(client)
-        if self._accept_resume_at and now >= self._accept_resume_at:
-            self._accept_resume_at = 0.0
-            self._listen()
+        self._resume_accepting(now)
 
     def close(self) -> None:
         """Close every client and the listener. Safe to call twice."""
         for client in list(self._clients.values()):
             self._drop(client)
         self.stop_listening()
-
-    def stop_listening(self) -> None:
-        """Take no new clients (another process serves the port now); answer the ones here."""
-        if self._listening and self._unregister is not None:
-            self._unregister(self.listener.fileno())
-        self._listening = False
-        self.listener.close()
 
     def handle(self, head: bytes) -> bytes:
         """The complete response to one request head."""
@@ -156,30 +132,6 @@ class HTTPServer:
                 log.exception("health endpoint: %s failed", path)
                 response = text(500, "internal error; see the primary's log")
         return strip_body(response) if method == "HEAD" else response
-
-    # ------------------------------------------------------------ accepting
-    def _listen(self) -> None:
-        if self._register is not None and not self._listening and self.listener.fileno() >= 0:
-            self._register(self.listener.fileno(), select.EPOLLIN, self._on_listener)
-            self._listening = True
-
-    def _on_listener(self, events: int) -> None:
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _OUT_OF_DESCRIPTORS:
-                    # The listener stays readable: stop watching it instead of spinning.
-                    log.error("health endpoint: accept failed: %s; pausing for %gs", exc, _ACCEPT_PAUSE)
-                    assert self._unregister is not None
-                    self._unregister(self.listener.fileno())
-                    self._listening = False
-                    self._accept_resume_at = time.monotonic() + _ACCEPT_PAUSE
-                    return
-                continue  # ECONNABORTED and friends: that client is gone
-            self._accepted(sock)
 
     def _accepted(self, sock: socket.socket) -> None:
         sock.setblocking(False)
