@@ -259,20 +259,19 @@ class Dispatcher:
         read from the channel's unread bytes: no message, no lag). When all are
         behind, all stay targets and credits bound each one."""
         unread = _fdpass.unread_bytes
-        reading = []
+        reading: list[WorkerHandle] = []
+        behind: list[WorkerHandle] = []
         for worker in targets:
             try:
-                if unread(worker.fd):
-                    continue
+                busy = unread(worker.fd) > 0
             except OSError:
-                pass  # cannot tell: treat it as reading; a broken channel shows on send
-            reading.append(worker)
-        if not reading or len(reading) == len(targets):
+                busy = False  # cannot tell: treat it as reading; a broken channel shows on send
+            (behind if busy else reading).append(worker)
+        if not reading or not behind:
             return targets
-        for worker in targets:
-            if worker not in reading:
-                worker.skipped_busy += 1
-        self.counters.skipped_busy += len(targets) - len(reading)
+        for worker in behind:
+            worker.skipped_busy += 1
+        self.counters.skipped_busy += len(behind)
         return reading
 
     def dispatch_pending(self) -> None:

@@ -91,7 +91,7 @@ class Successor:
                 if fd is not None:
                     os.set_inheritable(fd, False)
             return cls(parent, _socket(health), _socket(control), ready,
-                       {name: socket.socket(fileno=fd) for name, fd in others.items()})
+                       {name: sock for name, fd in others.items() if (sock := _socket(fd)) is not None})
         except OSError as exc:
             log.warning("ignoring %s=%r: %s", ENV, value, exc)
             return None
