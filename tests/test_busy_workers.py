@@ -1,4 +1,5 @@
-"""skip_busy with real processes: a worker whose event loop is blocked gets no new connections."""
+"""skip_busy and reclaim_after with real processes: a worker whose event loop is blocked
+gets no new connections, and what it was given just before it blocked is taken back."""
 
 from __future__ import annotations
 
@@ -33,8 +34,19 @@ def _burning(workers: list[int]) -> int | None:
 
 
 @pytest.mark.parametrize("balance", ["round-robin", "least-connections"])
+def test_no_connection_waits_behind_a_blocked_loop(balance: str) -> None:
+    waited, burning, skipped, reclaimed = _fast_requests_during_a_burn(balance, skip_busy=True)
+    assert [s for s in waited if s > SLOW] == [], waited
+    if balance == "round-robin":
+        # Its turn came while it was blocked, before its channel showed it: the
+        # connection it was given came back and went to the other worker.
+        assert reclaimed[burning] >= 1, reclaimed
+        assert skipped[burning] >= FAST - 2, skipped
+
+
+@pytest.mark.parametrize("balance", ["round-robin", "least-connections"])
 def test_a_worker_whose_loop_is_blocked_gets_no_new_connections(balance: str) -> None:
-    waited, burning, skipped = _fast_requests_during_a_burn(balance, skip_busy=True)
+    waited, burning, skipped, reclaimed = _fast_requests_during_a_burn(balance, skip_busy=True, reclaim_after=0)
     # The blocked worker had read its last message before it blocked, so the first
     # connection after may still be given to it; every later one sees it behind.
     assert len([s for s in waited if s > SLOW]) <= 1, waited
@@ -43,17 +55,19 @@ def test_a_worker_whose_loop_is_blocked_gets_no_new_connections(balance: str) ->
 
 
 def test_without_skip_busy_connections_queue_behind_the_blocked_loop() -> None:
-    waited, burning, skipped = _fast_requests_during_a_burn("round-robin", skip_busy=False)
+    waited, burning, skipped, reclaimed = _fast_requests_during_a_burn("round-robin", skip_busy=False)
     # Half go to the blocked worker, and wait in its channel until the burn ends or
     # the primary takes them back from the silent worker (stall_after).
     assert len([s for s in waited if s > SLOW]) >= FAST // 4, waited
     assert set(skipped.values()) == {0}
+    assert set(reclaimed.values()) == {0}  # reclaiming needs skip_busy
 
 
-def _fast_requests_during_a_burn(balance: str, skip_busy: bool) -> tuple[list[float], int, dict[int, int]]:
+def _fast_requests_during_a_burn(balance: str, **options: object) -> tuple[list[float], int, dict[int, int],
+                                                                            dict[int, int]]:
     """Block one worker's loop with a burn, send FAST quick requests while it lasts:
-    how long each took (s), the burning pid, and each worker's skipped_busy."""
-    with ServerProcess("dispatch.demo:app", workers=2, balance=balance, skip_busy=skip_busy) as server:
+    how long each took (s), the burning pid, and each worker's skipped_busy and reclaimed."""
+    with ServerProcess("dispatch.demo:app", workers=2, balance=balance, **options) as server:
         workers = server.wait_ready(2)
         with ThreadPoolExecutor(FAST + 1) as pool:
             burn = pool.submit(request, server.address, f"/burn?ms={BURN_MS}", 20)
@@ -66,8 +80,10 @@ def _fast_requests_during_a_burn(balance: str, skip_busy: bool) -> tuple[list[fl
             waited = [f.result(timeout=20) for f in fast]
             assert _pid(burn.result(timeout=20)) == burning
         assert time.monotonic() - started < BURN_MS / 1000 + 10
-        skipped = {w["pid"]: w["skipped_busy"] for w in server.cluster_health()["workers"]}
-        return waited, burning, skipped
+        workers_health = server.cluster_health()["workers"]
+        skipped = {w["pid"]: w["skipped_busy"] for w in workers_health}
+        reclaimed = {w["pid"]: w["reclaimed"] for w in workers_health}
+        return waited, burning, skipped, reclaimed
 
 
 def _timed_request(address: str) -> float:

@@ -15,6 +15,7 @@ import select
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,7 +48,7 @@ class Harness:
         policy = make_policy(balance) if isinstance(balance, str) else balance
         self.dispatcher = Dispatcher(policy, self.server.workers,
                                      self.reactor, self.server.counters, FailureLog(logging.getLogger("dispatch")), 16, 16,
-                                     self.server.config.skip_busy)
+                                     self.server.config.skip_busy, self.server.config.reclaim_after)
         self.dispatcher.budget = 10_000
         self.server._dispatcher = self.dispatcher
         self.fleet = Fleet(self.server.config, self.server.supervisor, self.reactor, self.server.workers,
@@ -333,3 +334,80 @@ def test_least_connections_and_sticky_pass_over_a_worker_that_is_not_reading(har
         h.dispatch(1)
         h.dispatcher.on_done(b, h.received(b))
     assert h.received(a) > 1
+
+
+# ------------------------------------------------------------------ reclaim_after
+def _later(seconds: float) -> float:
+    return time.monotonic() + seconds
+
+
+def test_connections_a_worker_leaves_unread_go_to_a_worker_that_reads(harness: Any) -> None:
+    h = harness(reclaim_after=0.05)
+    a, b = h.worker(0), h.worker(1)
+    assert h.dispatch(1) == 0  # round-robin: to worker 0, whose loop never reads it
+    assert h.dispatcher.reclaim_due > 0
+    assert h.dispatcher.reclaim(_later(0.0)) == 0  # not yet: it may still read it
+    assert h.dispatcher.reclaim(_later(0.1)) == 1
+    assert h.received(b) == 1
+    assert (a.reclaimed, b.reclaimed, h.server.counters.reclaimed) == (1, 0, 1)
+    assert (a.sent, b.sent, h.dispatcher.outstanding) == (0, 1, 1)
+    # What is left in worker 0's channel is an empty marker: it is passed over until it reads.
+    assert _fdpass.unread_bytes(a.fd) > 0
+    assert h.dispatch(3) == 0
+    assert (h.received(a), h.received(b)) == (0, 3)
+
+
+def test_a_worker_that_reads_keeps_what_it_was_given(harness: Any) -> None:
+    h = harness(reclaim_after=0.05)
+    a, _b = h.worker(0), h.worker(1)
+    h.dispatch(1)
+    assert h.received(a) == 1  # its loop took it
+    assert h.dispatcher.reclaim(_later(0.1)) == 0
+    assert a.unread_since == 0 and h.dispatcher.reclaim_due == 0  # nothing left to watch
+    assert a.reclaimed == 0
+
+
+def test_when_every_worker_is_behind_nothing_is_reclaimed(harness: Any) -> None:
+    h = harness(reclaim_after=0.05)
+    a, b = h.worker(0), h.worker(1)
+    h.dispatch(1)
+    h.dispatch(1)  # worker 0 had not read: to worker 1; now neither reads
+    assert h.dispatcher.reclaim(_later(0.1)) == 0  # load, not one blocked loop
+    assert h.dispatcher.reclaim_due > 0  # looked at again later
+    assert (h.received(a), h.received(b)) == (1, 1)
+    assert h.server.counters.reclaimed == 0
+
+
+def test_a_worker_that_read_some_since_the_last_look_is_not_stuck(harness: Any) -> None:
+    h = harness(reclaim_after=0.05)
+    a, b = h.worker(0), h.worker(1)
+    for _ in range(2):  # two messages to worker 0, sent as a blind push would
+        _fdpass.send_fds(a.fd, h.connections(1), 0, 1, protocol.encode_fds(1), 0, True)
+        a.sent += 1
+        h.dispatcher.outstanding += 1
+    h.dispatcher._watch_unread(a, time.monotonic())
+    assert h.dispatcher.reclaim(_later(0.01)) == 0  # seen: two unread
+    assert _fdpass.recv_fds(a.worker_end.fileno(), 64) is not None  # its loop takes one...
+    assert h.dispatcher.reclaim(_later(0.1)) == 0  # ...so it is reading, slowly
+    assert h.dispatcher.reclaim(_later(0.2)) == 1  # and then it did not read for 0.1 s
+    assert h.received(b) == 1
+
+
+def test_reclaim_leaves_draining_and_stopping_workers_alone(harness: Any) -> None:
+    h = harness(reclaim_after=0.05)
+    a, b = h.worker(0), h.worker(1)
+    h.dispatch(1)
+    h.dispatcher.stopping = True  # what is taken back when stopping is closed, so take nothing
+    assert h.dispatcher.reclaim(_later(0.1)) == 0
+    h.dispatcher.stopping = False
+    a.life.move(supervisor.DRAINING)
+    h.dispatcher._watch_unread(a, time.monotonic())
+    assert h.dispatcher.reclaim(_later(0.1)) == 0
+    assert (h.received(a), h.received(b)) == (1, 0)
+
+
+def test_reclaim_off_watches_nothing(harness: Any) -> None:
+    h = harness(reclaim_after=0)
+    a, _b = h.worker(0), h.worker(1)
+    h.dispatch(1)
+    assert h.dispatcher.reclaim_due == 0 and a.unread_since == 0

@@ -44,6 +44,7 @@ CLUSTER_FIELDS = {
 WORKER_FIELDS = {
     "id", "pid", "state", "stalled", "uptime_s", "memory_rss", "cpu_percent", "connections_total",
     "connections_active", "heartbeat_age_s", "restarts", "skipped_busy",
+    "reclaimed",
 }
 
 
@@ -142,7 +143,7 @@ def fake_worker(worker_id: int, pid: int, state: str = "ready", sent: int = 0,
     """A ``dispatch.health.WorkerView``: exactly the names the views may read."""
     return SimpleNamespace(worker_id=worker_id, pid=pid, state=state, sent=sent, report=report,
                            stalled=False, started_at=time.time() - 2.0, last_seen=time.monotonic() - 0.5,
-                           skipped_busy=0)
+                           skipped_busy=0, reclaimed=0)
 
 
 def fake_primary(workers: list[SimpleNamespace] | None = None) -> SimpleNamespace:
@@ -320,6 +321,8 @@ FAMILIES = [
     ("dispatch_worker_restarts", "counter", "Workers replaced, by cause."),
     ("dispatch_accept_backpressure", "counter", "Times a worker's channel was full (EAGAIN) and it was skipped."),
     ("dispatch_connections_salvaged", "counter", "Connections taken back from dead workers and passed to others."),
+    ("dispatch_connections_reclaimed", "counter", "Connections taken back unread from a worker that was "
+     "not reading and passed to one that was (reclaim_after)."),
     ("dispatch_worker_stalls", "counter", "Times a worker went silent and stopped receiving connections."),
     ("dispatch_accept_errors", "counter", "Failed accept() calls in the primary."),
     ("dispatch_inflight_full", "counter", "Times no more descriptors could be in flight to workers "
@@ -338,6 +341,8 @@ FAMILIES = [
     ("dispatch_worker_cpu_seconds", "counter", "User+system CPU time of each worker (last heartbeat)."),
     ("dispatch_worker_skipped_busy", "counter", "Batches each worker was passed over for: it had not read the "
      "connections it was given while another had (skip_busy)."),
+    ("dispatch_worker_reclaimed", "counter", "Connections taken back unread from each worker while it was "
+     "not reading and another was (reclaim_after)."),
     ("dispatch_worker_heartbeat_age_seconds", "gauge", "Seconds since each worker was last heard from."),
 ]
 
@@ -497,7 +502,7 @@ def test_the_primary_has_every_name_the_views_read() -> None:
     def members(protocol: type) -> list[str]:
         return [name for name, value in vars(protocol).items() if isinstance(value, property)]
 
-    assert len(members(PrimaryView)) == 11 and len(members(WorkerView)) == 9
+    assert len(members(PrimaryView)) == 11 and len(members(WorkerView)) == 10
     server = Server("tests.apps:pid_app", workers=1)  # not started: nothing bound or forked
     assert [name for name in members(PrimaryView) if not hasattr(server, name)] == []
     assert [name for name in members(WorkerView)

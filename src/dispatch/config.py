@@ -66,6 +66,7 @@ class Config:
     log_level: str = default("log_level")
     accept_batch: int = default("accept_batch")
     skip_busy: bool = default("skip_busy")
+    reclaim_after: float = default("reclaim_after")
     ssl: _ssl.SSLContext | None = default("ssl")
     user: str | int | None = default("user")
     group: str | int | None = default("group")

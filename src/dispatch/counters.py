@@ -13,6 +13,8 @@ class Counters:
     salvaged: int = 0
     #: times a worker's channel was full (EAGAIN) and it was skipped
     backpressure: int = 0
+    #: connections taken back unread from a worker that was not reading, and passed on (reclaim_after)
+    reclaimed: int = 0
     #: times a worker was passed over because it had not read what it was given (skip_busy)
     skipped_busy: int = 0
     #: failed accept() calls on the listeners

@@ -15,6 +15,7 @@ and taking back a dead worker's unread ones needs that much room in our table.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import os
 import resource
@@ -43,7 +44,7 @@ class Dispatcher:
 
     def __init__(self, policy: Policy | ConnectionPolicy, workers: dict[int, WorkerHandle],
                  reactor: Reactor, counters: Counters, failures: FailureLog, accept_batch: int,
-                 backlog: int, skip_busy: bool = True) -> None:
+                 backlog: int, skip_busy: bool = True, reclaim_after: float = 0.0) -> None:
         self.workers = workers
         self.policy = GuardedPolicy(policy, self._policy_failed)
         self.reactor = reactor
@@ -51,6 +52,8 @@ class Dispatcher:
         self.failures = failures
         self.backlog = backlog
         self.skip_busy = skip_busy
+        self.reclaim_after = reclaim_after  # 0: connections wait for the worker they were given to
+        self.reclaim_due = 0.0  # when to look at unread channels again (reclaim); 0: nothing waits
         self.targets: list[WorkerHandle] = []  # who can take a connection now
         self.pending: array.array[int] = array.array("i")  # accepted or taken back, not yet passed on
         self.accepting = False
@@ -172,6 +175,7 @@ class Dispatcher:
         send = _fdpass.send_fds
         messages = _FDS_MESSAGES
         dontwait = _fdpass.DONTWAIT
+        now = time.monotonic() if self.reclaim_after else 0.0
         while count and self.targets:
             room = self.budget - self.outstanding
             if room <= 0:
@@ -207,6 +211,8 @@ class Dispatcher:
                         break
                     worker.sent += chunk
                     self.outstanding += chunk
+                    if now and not worker.unread_since:
+                        self._watch_unread(worker, now)
                     if worker.request_limit and worker.sent >= worker.request_limit:
                         worker.request_limit = 0  # noted once; recycled on the next tick
                         self.over_limit.append(worker)
@@ -244,6 +250,8 @@ class Dispatcher:
                 continue
             worker.sent += 1
             self.outstanding += 1
+            if self.reclaim_after and not worker.unread_since:
+                self._watch_unread(worker, time.monotonic())
             start += 1
             count -= 1
             if worker.request_limit and worker.sent >= worker.request_limit:
@@ -367,12 +375,12 @@ class Dispatcher:
                 continue
             self.pending.extend(fds)
             taken += len(fds)
-        self.counters.salvaged += taken
         return taken
 
     def worker_stalled(self, worker: WorkerHandle) -> int:
         """A silent worker: its unread connections go to the others."""
         taken = self.take_back(worker)
+        self.counters.salvaged += taken
         worker.sent -= taken
         self.outstanding -= taken
         self.rebuild_targets()
@@ -382,11 +390,75 @@ class Dispatcher:
         """A worker is gone: what it handled died with it, what it never read comes back."""
         self.outstanding -= worker.sent - worker.done
         salvaged = self.take_back(worker)
+        self.counters.salvaged += salvaged
         self.retired_sent += worker.sent - salvaged
         self.rebuild_targets()
         if self.pending:
             self.dispatch_pending()
         return salvaged
+
+    # ------------------------------------------------------------ reclaiming
+    def _watch_unread(self, worker: WorkerHandle, now: float) -> None:
+        """``worker`` was just given something to read: look again ``reclaim_after`` later."""
+        worker.unread_since = now
+        due = now + self.reclaim_after
+        if not self.reclaim_due or due < self.reclaim_due:
+            self.reclaim_due = due
+
+    def reclaim(self, now: float) -> int:
+        """Take back what a worker left unread for ``reclaim_after`` while another worker
+        read everything, and pass it to the readers: a push balancer cannot know that a
+        loop blocked right after it was given connections, but its channel shows it.
+        Messages are read whole (SEQPACKET), so each connection is either taken by the
+        worker or taken back here, never both. Returns how many were taken back."""
+        self.reclaim_due = 0.0
+        if self.stopping:
+            return 0  # taken back now they would be closed
+        unread = _fdpass.unread_bytes
+        stuck: list[WorkerHandle] = []
+        for worker in self.workers.values():
+            if not worker.unread_since:
+                continue
+            if worker.state != supervisor.READY or worker.stalled:
+                worker.unread_since = 0.0  # draining or stalled: not ours to move
+                continue
+            queued = _unread_or_zero(unread, worker.fd)
+            if not queued:
+                worker.unread_since = 0.0
+                worker.unread_seen = 0
+                continue
+            if queued < worker.unread_seen:
+                worker.unread_since = now  # it read some since we last looked: not stuck yet
+            worker.unread_seen = queued
+            if now - worker.unread_since >= self.reclaim_after:
+                stuck.append(worker)
+            else:
+                self._watch_unread(worker, worker.unread_since)
+        if not stuck:
+            return 0
+        if not any(not _unread_or_zero(unread, w.fd) for w in self.targets):
+            # Everyone is behind: that is load, not one blocked loop. Look again later.
+            for worker in stuck:
+                self._watch_unread(worker, now)
+            return 0
+        taken = 0
+        for worker in stuck:
+            got = self.take_back(worker)
+            worker.sent -= got
+            worker.reclaimed += got
+            self.outstanding -= got
+            taken += got
+            worker.unread_since = 0.0
+            worker.unread_seen = 0
+            # An empty Fds message in its place: skip_busy passes the worker over until
+            # its loop reads it, so what was taken back is not given straight back.
+            with contextlib.suppress(OSError):
+                worker.channel.send(_FDS_MESSAGES[0])
+        self.counters.reclaimed += taken
+        self.rebuild_targets()
+        if self.pending:
+            self.dispatch_pending()
+        return taken
 
     @property
     def dispatched_total(self) -> int:
@@ -400,6 +472,13 @@ class Dispatcher:
             _fdpass.close_fds(self.pending)
             del self.pending[:]
         return count
+
+
+def _unread_or_zero(unread: Callable[[int], int], fd: int) -> int:
+    try:
+        return unread(fd)
+    except OSError:
+        return 0  # cannot tell: a broken channel shows when we send
 
 
 def _client_host(fd: int) -> str | None:

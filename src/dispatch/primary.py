@@ -196,7 +196,8 @@ class Server:
         if self.config.policy is not None:  # a user-space mode
             self._dispatcher = Dispatcher(self.config.policy, self.workers, reactor, self.counters, self._failures,
                                           self.config.accept_batch, self.config.backlog,
-                                          self.config.skip_busy)
+                                          self.config.skip_busy,
+                                          self.config.reclaim_after if self.config.skip_busy else 0.0)
             self._fleet.dispatcher = self._dispatcher
             if self._successor is None:  # a successor accepts once it has told the old primary
                 for sock in self.listeners:
@@ -414,8 +415,9 @@ class Server:
         next_tick = time.monotonic() + _TICK
         try:
             while self._running:
-                poll(_TICK)
+                poll(self._next_wakeup(next_tick))
                 now = time.monotonic()
+                self._reclaim_if_due(now)
                 if now >= next_tick:
                     next_tick = now + _TICK
                     self._tick(now)
@@ -426,6 +428,23 @@ class Server:
             else:
                 log.info("dispatch primary %d stopped", os.getpid())
         return self._exit_code
+
+    def _next_wakeup(self, next_tick: float) -> float:
+        """Seconds to wait for events: until the tick, or sooner to look at unread channels."""
+        due = next_tick
+        if self._dispatcher is not None and self._dispatcher.reclaim_due:
+            due = min(due, self._dispatcher.reclaim_due)
+        return max(0.0, due - time.monotonic())
+
+    def _reclaim_if_due(self, now: float) -> None:
+        dispatcher = self._dispatcher
+        if dispatcher is None or not dispatcher.reclaim_due or now < dispatcher.reclaim_due:
+            return
+        try:
+            dispatcher.reclaim(now)
+        except Exception:
+            dispatcher.reclaim_due = 0.0
+            self._failures.error("reclaim", "taking back unread connections failed", exc_info=True)
 
     def _tick(self, now: float) -> None:
         """The periodic work; each step survives the failure of another."""

@@ -32,7 +32,11 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class Fds:
-    """Primary -> worker: ``count`` connections ride on this message."""
+    """Primary -> worker: ``count`` connections ride on this message.
+
+    ``count`` 0 carries nothing: the primary leaves one where it took connections
+    back (reclaim), and sees from its channel when the worker has read it.
+    """
 
     TYPE: ClassVar[int] = 1
     BODY: ClassVar[struct.Struct] = struct.Struct("!H")

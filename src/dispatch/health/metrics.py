@@ -64,6 +64,10 @@ class MetricsCollector:
         yield CounterMetricFamily("dispatch_connections_salvaged",
                                   "Connections taken back from dead workers and passed to others.",
                                   value=counters.salvaged)
+        yield CounterMetricFamily("dispatch_connections_reclaimed",
+                                  "Connections taken back unread from a worker that was not reading "
+                                  "and passed to one that was (reclaim_after).",
+                                  value=counters.reclaimed)
         yield CounterMetricFamily("dispatch_worker_stalls",
                                   "Times a worker went silent and stopped receiving connections.",
                                   value=counters.stalls)
@@ -116,6 +120,9 @@ class MetricsCollector:
                                       "Batches each worker was passed over for: it had not read the "
                                       "connections it was given while another had (skip_busy).",
                                       labels=labels)
+        reclaimed = CounterMetricFamily("dispatch_worker_reclaimed",
+                                        "Connections taken back unread from each worker while it was "
+                                        "not reading and another was (reclaim_after).", labels=labels)
         age = GaugeMetricFamily("dispatch_worker_heartbeat_age_seconds",
                                 "Seconds since each worker was last heard from.", labels=labels)
         now = time.monotonic()
@@ -126,5 +133,6 @@ class MetricsCollector:
             total.add_metric(values, worker_connections_total(w))
             cpu.add_metric(values, w.report.cpu_ms / 1000 if w.report is not None else 0)
             skipped.add_metric(values, w.skipped_busy)
+            reclaimed.add_metric(values, w.reclaimed)
             age.add_metric(values, max(0.0, now - w.last_seen))
-        yield from (rss, active, total, cpu, skipped, age)
+        yield from (rss, active, total, cpu, skipped, reclaimed, age)

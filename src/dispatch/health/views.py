@@ -36,6 +36,7 @@ class WorkerEntry(TypedDict):
     heartbeat_age_s: float
     restarts: int
     skipped_busy: int
+    reclaimed: int
 
 
 class ClusterHealth(TypedDict):
@@ -110,6 +111,7 @@ class ClusterHealthView:
                 "heartbeat_age_s": round(mono - w.last_seen, 3),
                 "restarts": slot.restarts if slot is not None else 0,
                 "skipped_busy": w.skipped_busy,
+                "reclaimed": w.reclaimed,
             })
         return {
             "primary_pid": os.getpid(),
