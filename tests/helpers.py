@@ -479,6 +479,7 @@ class Load:
         self.ok = 0
         self.failed: list[str] = []
         self.pids: dict[int, int] = {}
+        self.slowest = 0.0  # seconds, of the answered requests
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._budget = max_requests
@@ -493,13 +494,16 @@ class Load:
                 if self._budget <= 0:
                     return
                 self._budget -= 1
+            began = time.monotonic()
             try:
                 pid = answering_pid(request(self.address, self.path))
             except (OSError, ValueError, IndexError) as exc:
                 with self._lock:
                     self.failed.append(repr(exc))
                 continue
+            took = time.monotonic() - began
             with self._lock:
+                self.slowest = max(self.slowest, took)
                 self.ok += 1
                 self.pids[pid] = self.pids.get(pid, 0) + 1
 

@@ -411,3 +411,12 @@ def test_reclaim_off_watches_nothing(harness: Any) -> None:
     a, _b = h.worker(0), h.worker(1)
     h.dispatch(1)
     assert h.dispatcher.reclaim_due == 0 and a.unread_since == 0
+
+
+def test_a_per_connection_policy_keeps_its_choice(harness: Any) -> None:
+    h = harness(balance=Sticky(), reclaim_after=0.05)
+    a, b = h.worker(0), h.worker(1)
+    h.dispatch(1)  # a new client: to one worker, which does not read it yet
+    assert h.dispatcher.reclaim_due == 0
+    assert h.dispatcher.reclaim(_later(1.0)) == 0
+    assert h.received(a) + h.received(b) == 1 and a.reclaimed == b.reclaimed == 0

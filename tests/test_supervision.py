@@ -55,7 +55,8 @@ def test_killed_worker_loses_only_what_it_was_handling() -> None:
 
 
 def test_stopped_worker_is_killed_after_timeout_and_its_queue_answered() -> None:
-    with ServerProcess(workers=2, timeout=2) as server:
+    # reclaim_after 0: what the stall and the timeout do alone (reclaiming is below).
+    with ServerProcess(workers=2, timeout=2, reclaim_after=0) as server:
         workers = server.wait_ready(2)
         victim = workers[0]
 
@@ -83,7 +84,7 @@ def test_stopped_worker_is_killed_after_timeout_and_its_queue_answered() -> None
 
 def test_stalled_worker_gets_nothing_new_and_its_queue_moves_long_before_timeout() -> None:
     # timeout 20 s: heartbeats every second, a worker silent for 2.5 s is passed over.
-    with ServerProcess(workers=2, timeout=20) as server:
+    with ServerProcess(workers=2, timeout=20, reclaim_after=0) as server:
         victim, other = server.wait_ready(2)
         os.kill(victim, signal.SIGSTOP)
         try:
@@ -105,6 +106,25 @@ def test_stalled_worker_gets_nothing_new_and_its_queue_moves_long_before_timeout
         load.wait_requests(20, timeout=15)
         load.stop()
         assert load.failed == [] and victim in load.pids
+
+
+def test_a_stopped_worker_s_connections_are_reclaimed_long_before_it_stalls() -> None:
+    with ServerProcess(workers=2, timeout=20) as server:
+        victim, other = server.wait_ready(2)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            load = Load(server.address, clients=4, max_requests=40, max_seconds=30)
+            load.wait_requests(40, timeout=15)
+            load.stop()
+            assert load.failed == [] and set(load.pids) == {other}
+            # Taken back within milliseconds of not being read, not at the stall (2.5 s):
+            # no request waited for the silence to be noticed.
+            assert load.slowest < 1.0, load.slowest
+            health = server.worker_health(victim)
+            assert health["reclaimed"] >= 1 and health["stalled"] is False
+            assert _salvaged(server) == 0
+        finally:
+            os.kill(victim, signal.SIGCONT)
 
 
 def test_only_worker_stalled_then_resumed_serves_what_waited() -> None:

@@ -7,7 +7,9 @@ omission), at ``--loads`` fractions of the target's own capacity (measured
 closed-loop with wrk at its first start), or at absolute ``--rates``. The
 dispatch modes run the demo app's async handler and, as ``MODE/plain``, its
 plain handler with one thread per worker, where head-of-line blocking is worst.
-``MODE:push`` runs a mode with ``--no-skip-busy``. Targets are interleaved
+``MODE:push`` runs a mode with ``--no-skip-busy``, ``MODE:keep`` with
+``--reclaim-after 0`` (skip_busy without taking connections back),
+``MODE:reclaim=SECONDS`` with ``--reclaim-after SECONDS``. Targets are interleaved
 within each round; cells are medians over rounds.
 
 Writes ``DIR/NAME.md``, ``NAME.json`` and ``NAME.png`` (``--name``, default openloop).
@@ -59,14 +61,22 @@ class Target:
         return "async"
 
 
+#: ``MODE:VARIANT``: the flags each variant adds.
+VARIANTS: dict[str, tuple[str, ...]] = {"": (), "push": ("--no-skip-busy",), "keep": ("--reclaim-after", "0")}
+
+
 def parse_target(name: str) -> Target:
     base, _, variant = name.partition(":")
     mode, _, kind = base.partition("/")
     if mode not in DISPATCH_MODES + PEERS or (mode in PEERS and (kind or variant)):
         raise ValueError(f"unknown target {name!r}")
-    if kind not in ("", "plain") or variant not in ("", "push"):
-        raise ValueError(f"unknown target {name!r}: MODE, MODE/plain, MODE:push or MODE/plain:push")
-    args: tuple[str, ...] = ("--no-skip-busy",) if variant == "push" else ()
+    if kind in ("", "plain") and variant.startswith("reclaim="):
+        args: tuple[str, ...] = ("--reclaim-after", variant.removeprefix("reclaim="))
+    elif kind in ("", "plain") and variant in VARIANTS:
+        args = VARIANTS[variant]
+    else:
+        raise ValueError(f"unknown target {name!r}: MODE or MODE/plain, then nothing, :push, :keep "
+                         "or :reclaim=SECONDS")
     if kind == "plain":
         return Target(name, mode, "dispatch.demo:sync_app", ("--threads", "1", *args))
     return Target(name, mode, args=args)
@@ -75,7 +85,7 @@ def parse_target(name: str) -> Target:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                    help="comma-separated: MODE (async handler), MODE/plain (threads=1), MODE:push "
-                        f"(--no-skip-busy), or a peer among {','.join(PEERS)} (default: %(default)s)")
+                        "(--no-skip-busy), MODE:keep (--reclaim-after 0), MODE:reclaim=SECONDS, or a peer among {','.join(PEERS)} (default: %(default)s)")
     p.add_argument("--mixes", default="burn,slow", help=f"among {','.join(openloop.MIXES)} (default %(default)s)")
     p.add_argument("--loads", default="0.3,0.6,0.9",
                    help="offered load as fractions of each target's capacity (default %(default)s)")

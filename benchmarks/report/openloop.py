@@ -75,7 +75,7 @@ def markdown(records: list[dict[str, Any]], capacities: dict[tuple[str, str], fl
         "- cells: median over rounds (min–max). *fast*: the requests to `/`. CPU: µs per answered "
         "request, user / system, of the primary and of all workers together.",
         "- `MODE`: the demo app's asyncio protocol handler; `MODE/plain`: its plain handler with "
-        "`--threads 1`; `MODE:push`: with `--no-skip-busy`.",
+        "`--threads 1`; `MODE:push`: with `--no-skip-busy`; `MODE:keep`: with `--reclaim-after 0`.",
         "",
     ]
     for mix in args.mixes:

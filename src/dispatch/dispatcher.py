@@ -52,7 +52,9 @@ class Dispatcher:
         self.failures = failures
         self.backlog = backlog
         self.skip_busy = skip_busy
-        self.reclaim_after = reclaim_after  # 0: connections wait for the worker they were given to
+        # 0: connections wait for the worker they were given to. So with a per-connection
+        # policy (sticky): its choice of worker is the point, not only who is free.
+        self.reclaim_after = 0.0 if self.policy.per_connection else reclaim_after
         self.reclaim_due = 0.0  # when to look at unread channels again (reclaim); 0: nothing waits
         self.targets: list[WorkerHandle] = []  # who can take a connection now
         self.pending: array.array[int] = array.array("i")  # accepted or taken back, not yet passed on
@@ -250,8 +252,6 @@ class Dispatcher:
                 continue
             worker.sent += 1
             self.outstanding += 1
-            if self.reclaim_after and not worker.unread_since:
-                self._watch_unread(worker, time.monotonic())
             start += 1
             count -= 1
             if worker.request_limit and worker.sent >= worker.request_limit:
