@@ -28,6 +28,7 @@ from dispatch.balance import make_policy
 from dispatch.control import Scale
 from dispatch.dispatcher import Dispatcher
 from dispatch.fleet import Fleet
+from dispatch.health.views import worker_connections_total
 from dispatch.logs import FailureLog
 from dispatch.processes import WorkerHandle
 from dispatch.reactor import IN, Reactor
@@ -420,3 +421,79 @@ def test_a_per_connection_policy_keeps_its_choice(harness: Any) -> None:
     assert h.dispatcher.reclaim_due == 0
     assert h.dispatcher.reclaim(_later(1.0)) == 0
     assert h.received(a) + h.received(b) == 1 and a.reclaimed == b.reclaimed == 0
+
+
+def _give(h: Any, worker: WorkerHandle, messages: int, announced: int = 1) -> None:
+    """``messages`` one-descriptor messages to ``worker``, sent as a blind push would
+    (``announced``: the count the message claims), watched by the reclaim timer."""
+    for _ in range(messages):
+        _fdpass.send_fds(worker.fd, h.connections(1), 0, 1, protocol.encode_fds(announced), 0, True)
+        worker.sent += announced
+        h.dispatcher.outstanding += announced
+    h.dispatcher._watch_unread(worker, time.monotonic())
+
+
+def test_a_worker_that_read_everything_is_watched_afresh(harness: Any) -> None:
+    h = harness(reclaim_after=0.05)
+    a, b = h.worker(0), h.worker(1)
+    h.dispatch(1)
+    assert h.received(a) == 1  # read at once...
+    time.sleep(0.06)  # ...and nothing happened for longer than reclaim_after
+    h.dispatch(1)
+    assert h.received(b) == 1
+    h.dispatch(1)  # worker 0's turn: what it gets now is fresh, not 60 ms old
+    assert h.dispatcher.reclaim(time.monotonic()) == 0
+    assert (h.received(a), a.reclaimed) == (1, 0)
+
+
+def test_counters_never_go_down_when_connections_are_taken_back(harness: Any) -> None:
+    h = harness(reclaim_after=0.05)
+    a, b = h.worker(0), h.worker(1, capacity=1)
+    _give(h, b, 1)  # worker 1 holds its one credit: nobody can take what worker 0 leaves
+    assert h.received(b) == 1
+    _give(h, a, 2)
+    before = (h.dispatcher.dispatched_total, worker_connections_total(a))
+    h.dispatcher.on_done(b, 1)  # a credit comes back: one connection can move
+    assert h.dispatcher.reclaim(_later(0.1)) == 1
+    assert (a.sent, a.taken_back, a.reclaimed) == (1, 1, 1)
+    assert worker_connections_total(a) == before[1] == 2  # passed to it, taken back or not
+    assert h.dispatcher.dispatched_total >= before[0]
+
+
+def test_reclaim_takes_no_more_than_the_readers_can_take(harness: Any) -> None:
+    h = harness(reclaim_after=0.05)
+    a, b = h.worker(0), h.worker(1, capacity=1)
+    _give(h, a, 3)
+    assert h.dispatcher.reclaim(_later(0.1)) == 1  # worker 1 has one credit
+    assert h.received(b) == 1 and len(h.dispatcher.pending) == 0
+    assert _messages(a) == [1, 1]  # the rest stayed, in order, and no marker went behind them
+    assert h.dispatcher.reclaim_due > 0  # and worker 0 is still watched
+
+
+def test_connections_lost_on_the_way_back_give_their_credits_back(harness: Any) -> None:
+    h = harness(reclaim_after=0.05)
+    a, b = h.worker(0), h.worker(1)
+    _give(h, a, 1, announced=2)  # a message that lost a descriptor in transit
+    assert h.dispatcher.reclaim(_later(0.1)) == 1
+    assert (a.sent, a.taken_back, h.dispatcher.outstanding) == (0, 2, 1)  # only worker 1's
+    assert h.received(b) == 1
+
+
+def test_a_worker_taken_back_below_max_requests_is_not_recycled(harness: Any) -> None:
+    h = harness(reclaim_after=0.05)
+    a, _b = h.worker(0), h.worker(1)
+    a.life.request_limit = a.request_limit = 1
+    h.dispatch(1)  # its first connection reaches max_requests: recycled on the next tick
+    assert h.dispatcher.over_limit == [a] and a.request_limit == 0
+    assert h.dispatcher.reclaim(_later(0.1)) == 1  # it never read it
+    assert h.dispatcher.over_limit == [] and a.request_limit == 1
+
+
+def _messages(worker: WorkerHandle) -> list[int]:
+    """The descriptor count of each message waiting in ``worker``'s channel (read and closed)."""
+    counts = []
+    while (got := _fdpass.recv_fds(worker.worker_end.fileno(), 64)) is not None:
+        for fd in got[1]:
+            os.close(fd)
+        counts.append(len(got[1]))
+    return counts

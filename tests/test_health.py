@@ -143,7 +143,7 @@ def fake_worker(worker_id: int, pid: int, state: str = "ready", sent: int = 0,
     """A ``dispatch.health.WorkerView``: exactly the names the views may read."""
     return SimpleNamespace(worker_id=worker_id, pid=pid, state=state, sent=sent, report=report,
                            stalled=False, started_at=time.time() - 2.0, last_seen=time.monotonic() - 0.5,
-                           skipped_busy=0, reclaimed=0)
+                           skipped_busy=0, reclaimed=0, taken_back=0)
 
 
 def fake_primary(workers: list[SimpleNamespace] | None = None) -> SimpleNamespace:
@@ -502,7 +502,7 @@ def test_the_primary_has_every_name_the_views_read() -> None:
     def members(protocol: type) -> list[str]:
         return [name for name, value in vars(protocol).items() if isinstance(value, property)]
 
-    assert len(members(PrimaryView)) == 11 and len(members(WorkerView)) == 10
+    assert len(members(PrimaryView)) == 11 and len(members(WorkerView)) == 11
     server = Server("tests.apps:pid_app", workers=1)  # not started: nothing bound or forked
     assert [name for name in members(PrimaryView) if not hasattr(server, name)] == []
     assert [name for name in members(WorkerView)

@@ -63,6 +63,7 @@ class Dispatcher:
         self.outstanding = 0  # passed to workers, not yet reported done
         self.budget = 0  # how many may be outstanding
         self.retired_sent = 0  # connections passed to workers that have exited
+        self._dispatched_high = 0  # the most dispatched_total has said
         self.over_limit: list[WorkerHandle] = []  # past max_requests: recycle on the tick
         self._accept_batch = accept_batch
         self._accept_buf = array.array("i", bytes(4 * accept_batch))
@@ -177,7 +178,7 @@ class Dispatcher:
         send = _fdpass.send_fds
         messages = _FDS_MESSAGES
         dontwait = _fdpass.DONTWAIT
-        now = time.monotonic() if self.reclaim_after else 0.0
+        now = time.monotonic() if self.reclaim_after and len(self.targets) > 1 else 0.0
         while count and self.targets:
             room = self.budget - self.outstanding
             if room <= 0:
@@ -274,7 +275,11 @@ class Dispatcher:
                 busy = unread(worker.fd) > 0
             except OSError:
                 busy = False  # cannot tell: treat it as reading; a broken channel shows on send
-            (behind if busy else reading).append(worker)
+            if busy:
+                behind.append(worker)
+            else:
+                reading.append(worker)
+                worker.unread_since = 0.0  # read everything: what it gets next is watched afresh
         if not reading or not behind:
             return targets
         for worker in behind:
@@ -357,39 +362,59 @@ class Dispatcher:
         kill(worker.pid)
 
     # ------------------------------------------------------------ taking back
-    def take_back(self, worker: WorkerHandle) -> int:
-        """Connections still unread in a dead or stalled worker's channel: keep them for
-        the others (or close them when stopping). Returns how many."""
-        taken = 0
-        while True:
+    def take_back(self, worker: WorkerHandle, limit: int | None = None) -> tuple[int, int]:
+        """Connections still unread in a worker's channel (dead, stalled, or not reading):
+        keep them for the others (or close them when stopping), whole messages until at
+        least ``limit`` came back. Returns (taken, lost): lost are the ones the kernel
+        dropped on the way back because our descriptor table was full."""
+        taken = lost = 0
+        fd = worker.worker_end.fileno()
+        while limit is None or taken + lost < limit:
             try:
-                got = _fdpass.recv_fds(worker.worker_end.fileno(), 64)
+                got = _fdpass.recv_fds(fd, 64, flags=_fdpass.DONTWAIT)
             except OSError:
                 break
             if got is None or not got[0]:
                 break
-            fds = got[1]
+            data, fds, flags = got
+            missing = _fds_count(data) - len(fds)
+            if missing > 0 or flags & _fdpass.CTRUNC:
+                lost += max(missing, 0)
+                self.failures.error("take back", "%d connections taken back from worker %d were dropped "
+                                    "in transit: no room in our descriptor table (RLIMIT_NOFILE)",
+                                    max(missing, 0), worker.worker_id, exc_info=False)
             if self.stopping:
-                for fd in fds:
-                    os.close(fd)
+                for fd_ in fds:
+                    os.close(fd_)
                 continue
             self.pending.extend(fds)
             taken += len(fds)
-        return taken
+        return taken, lost
+
+    def _came_back(self, worker: WorkerHandle, count: int) -> None:
+        """``count`` connections passed to a live worker are no longer its own (taken
+        back, or lost on the way back): its credits and place under max_requests too."""
+        worker.sent -= count
+        worker.taken_back += count
+        self.outstanding -= count
+        limit = worker.life.request_limit
+        if not worker.request_limit and limit and worker.sent < limit:
+            worker.request_limit = limit  # not over its max_requests after all
+            if worker in self.over_limit:
+                self.over_limit.remove(worker)
 
     def worker_stalled(self, worker: WorkerHandle) -> int:
         """A silent worker: its unread connections go to the others."""
-        taken = self.take_back(worker)
+        taken, lost = self.take_back(worker)
         self.counters.salvaged += taken
-        worker.sent -= taken
-        self.outstanding -= taken
+        self._came_back(worker, taken + lost)
         self.rebuild_targets()
         return taken
 
     def worker_exited(self, worker: WorkerHandle) -> int:
         """A worker is gone: what it handled died with it, what it never read comes back."""
         self.outstanding -= worker.sent - worker.done
-        salvaged = self.take_back(worker)
+        salvaged, _lost = self.take_back(worker)  # lost ones died with it, like its others
         self.counters.salvaged += salvaged
         self.retired_sent += worker.sent - salvaged
         self.rebuild_targets()
@@ -436,34 +461,70 @@ class Dispatcher:
                 self._watch_unread(worker, worker.unread_since)
         if not stuck:
             return 0
-        if not any(not _unread_or_zero(unread, w.fd) for w in self.targets):
-            # Everyone is behind: that is load, not one blocked loop. Look again later.
+        room = self._readers_room(unread)
+        if room == 0:
+            # Everyone is behind (that is load, not one blocked loop) or the readers have
+            # no credit left: moving connections would only move the queue. Look again later.
             for worker in stuck:
                 self._watch_unread(worker, now)
             return 0
         taken = 0
         for worker in stuck:
-            got = self.take_back(worker)
-            worker.sent -= got
+            if room is not None and room <= 0:
+                self._watch_unread(worker, now)
+                continue
+            got, lost = self.take_back(worker, room)
+            self._came_back(worker, got + lost)
             worker.reclaimed += got
-            self.outstanding -= got
             taken += got
-            worker.unread_since = 0.0
+            if room is not None:
+                room -= got
             worker.unread_seen = 0
-            # An empty Fds message in its place: skip_busy passes the worker over until
-            # its loop reads it, so what was taken back is not given straight back.
-            with contextlib.suppress(OSError):
-                worker.channel.send(_FDS_MESSAGES[0])
+            if _unread_or_zero(unread, worker.fd):
+                self._watch_unread(worker, now)  # more than the readers could take
+                continue
+            worker.unread_since = 0.0
+            if got + lost:
+                # An empty Fds message in its place: skip_busy passes the worker over until
+                # its loop reads it, so what was taken back is not given straight back.
+                with contextlib.suppress(OSError):
+                    worker.channel.send(_FDS_MESSAGES[0])
         self.counters.reclaimed += taken
         self.rebuild_targets()
         if self.pending:
             self.dispatch_pending()
         return taken
 
+    def _readers_room(self, unread: Callable[[int], int]) -> int | None:
+        """How many connections the targets that have read everything can take now
+        (None: no limit of their own); 0 when none has."""
+        room = 0
+        readers = False
+        for worker in self.targets:
+            if _unread_or_zero(unread, worker.fd):
+                continue
+            readers = True
+            if not worker.capacity:
+                return None  # no limit of its own (the in-flight budget is unchanged by a move)
+            room += max(0, worker.capacity - worker.sent + worker.done)
+        return room if readers else 0
+
+    def forget_unread(self) -> None:
+        """Stop watching every channel (after a failure in ``reclaim``): sends start anew."""
+        self.reclaim_due = 0.0
+        for worker in self.workers.values():
+            worker.unread_since = 0.0
+            worker.unread_seen = 0
+
     @property
     def dispatched_total(self) -> int:
-        """Connections passed to workers (one taken back from a dead worker counts once)."""
-        return self.retired_sent + sum(w.sent for w in self.workers.values())
+        """Connections passed to workers, each counted once: one taken back (from a dead,
+        stalled or blocked worker) and passed again is not counted twice, and the count
+        never goes down while such a one waits to be passed again (a Prometheus counter)."""
+        now = self.retired_sent + sum(w.sent for w in self.workers.values())
+        if now > self._dispatched_high:
+            self._dispatched_high = now
+        return self._dispatched_high
 
     def close_pending(self) -> int:
         """Close what no worker can take any more (at shutdown); returns how many."""
@@ -472,6 +533,15 @@ class Dispatcher:
             _fdpass.close_fds(self.pending)
             del self.pending[:]
         return count
+
+
+def _fds_count(datagram: bytes) -> int:
+    """Descriptors an ``Fds`` message announced (0 for anything else)."""
+    try:
+        message = protocol.decode(datagram)
+    except protocol.ProtocolError:
+        return 0
+    return message.count if isinstance(message, protocol.Fds) else 0
 
 
 def _unread_or_zero(unread: Callable[[int], int], fd: int) -> int:

@@ -443,7 +443,7 @@ class Server:
         try:
             dispatcher.reclaim(now)
         except Exception:
-            dispatcher.reclaim_due = 0.0
+            dispatcher.forget_unread()
             self._failures.error("reclaim", "taking back unread connections failed", exc_info=True)
 
     def _tick(self, now: float) -> None:

@@ -28,7 +28,7 @@ class WorkerHandle:
     __slots__ = (
         "worker_id", "pid", "pidfd", "channel", "worker_end", "fd", "life", "sent", "done",
         "full", "drain_unsent", "report", "started_at", "request_limit", "capacity",
-        "max_batch", "out_of_credit", "skipped_busy", "reclaimed", "unread_since", "unread_seen",
+        "max_batch", "out_of_credit", "skipped_busy", "reclaimed", "taken_back", "unread_since", "unread_seen",
     )
 
     def __init__(self, worker_id: int, pid: int, pidfd: int, channel: socket.socket,
@@ -52,6 +52,7 @@ class WorkerHandle:
         self.out_of_credit = False  # holds ``capacity`` connections: gets nothing until Done
         self.skipped_busy = 0  # batches it was passed over for: it had not read the last ones
         self.reclaimed = 0  # connections taken back unread while it was not reading (reclaim_after)
+        self.taken_back = 0  # all taken back while it lived (reclaimed, or stalled): no longer in sent
         self.unread_since = 0.0  # since when its channel holds messages it has not read; 0: none
         self.unread_seen = 0  # its unread bytes when the dispatcher last looked
 

@@ -40,6 +40,9 @@ class WorkerView(Protocol):
     def skipped_busy(self) -> int:
         """Batches it was passed over for, not having read what it was given (skip_busy)."""
     @property
+    def taken_back(self) -> int:
+        """Connections passed to it and taken back unread while it lived (not in ``sent``)."""
+    @property
     def reclaimed(self) -> int:
         """Connections taken back unread while it was not reading (reclaim_after)."""
     @property

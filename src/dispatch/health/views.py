@@ -158,9 +158,10 @@ def sorted_workers(server: PrimaryView) -> list[WorkerView]:
 
 
 def worker_connections_total(worker: WorkerView) -> int:
-    """Connections passed to (or, in kernel modes, handled by) one worker."""
+    """Connections passed to (or, in kernel modes, handled by) one worker, including
+    those taken back from it later: a counter never goes down."""
     reported = worker.report.total if worker.report is not None else 0
-    return max(worker.sent, reported)
+    return max(worker.sent + worker.taken_back, reported)
 
 
 def worker_rss(worker: WorkerView) -> int:
