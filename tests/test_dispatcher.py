@@ -49,7 +49,8 @@ class Harness:
         policy = make_policy(balance) if isinstance(balance, str) else balance
         self.dispatcher = Dispatcher(policy, self.server.workers,
                                      self.reactor, self.server.counters, FailureLog(logging.getLogger("dispatch")), 16, 16,
-                                     self.server.config.skip_busy, self.server.config.reclaim_after)
+                                     self.server.config.skip_busy, self.server.config.reclaim_after,
+                                     self.server.config.one_per_message_below)
         self.dispatcher.budget = 10_000
         self.server._dispatcher = self.dispatcher
         self.fleet = Fleet(self.server.config, self.server.supervisor, self.reactor, self.server.workers,
@@ -497,3 +498,19 @@ def _messages(worker: WorkerHandle) -> list[int]:
             os.close(fd)
         counts.append(len(got[1]))
     return counts
+
+
+def test_a_worker_that_holds_little_gets_one_connection_per_message(harness: Any) -> None:
+    h = harness(reclaim_after=0, one_per_message_below=4)
+    a, b = h.worker(0), h.worker(1)
+    assert h.dispatch(6) == 0  # three each, one per message
+    assert _messages(a) == [1, 1, 1] and _messages(b) == [1, 1, 1]
+    assert h.dispatch(20) == 0  # they hold 3 each (no Done yet): from the 4th on, batches
+    assert _messages(a) == [1, 9] and _messages(b) == [1, 9]
+
+
+def test_whole_batches_by_default(harness: Any) -> None:
+    h = harness(reclaim_after=0)
+    a, b = h.worker(0), h.worker(1)
+    assert h.dispatch(6) == 0
+    assert _messages(a) == [3] and _messages(b) == [3]

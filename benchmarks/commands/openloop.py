@@ -9,7 +9,8 @@ dispatch modes run the demo app's async handler and, as ``MODE/plain``, its
 plain handler with one thread per worker, where head-of-line blocking is worst.
 ``MODE:push`` runs a mode with ``--no-skip-busy``, ``MODE:keep`` with
 ``--reclaim-after 0`` (skip_busy without taking connections back),
-``MODE:reclaim=SECONDS`` with ``--reclaim-after SECONDS``. Targets are interleaved
+``MODE:reclaim=SECONDS`` with ``--reclaim-after SECONDS``, ``MODE:one=N``
+with ``--one-per-message-below N``. Targets are interleaved
 within each round; cells are medians over rounds.
 
 Writes ``DIR/NAME.md``, ``NAME.json`` and ``NAME.png`` (``--name``, default openloop).
@@ -72,11 +73,13 @@ def parse_target(name: str) -> Target:
         raise ValueError(f"unknown target {name!r}")
     if kind in ("", "plain") and variant.startswith("reclaim="):
         args: tuple[str, ...] = ("--reclaim-after", variant.removeprefix("reclaim="))
+    elif kind in ("", "plain") and variant.startswith("one="):
+        args = ("--one-per-message-below", variant.removeprefix("one="))
     elif kind in ("", "plain") and variant in VARIANTS:
         args = VARIANTS[variant]
     else:
         raise ValueError(f"unknown target {name!r}: MODE or MODE/plain, then nothing, :push, :keep "
-                         "or :reclaim=SECONDS")
+                         ":reclaim=SECONDS or :one=N")
     if kind == "plain":
         return Target(name, mode, "dispatch.demo:sync_app", ("--threads", "1", *args))
     return Target(name, mode, args=args)
@@ -85,7 +88,7 @@ def parse_target(name: str) -> Target:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                    help="comma-separated: MODE (async handler), MODE/plain (threads=1), MODE:push "
-                        "(--no-skip-busy), MODE:keep (--reclaim-after 0), MODE:reclaim=SECONDS, or a peer among {','.join(PEERS)} (default: %(default)s)")
+                        "(--no-skip-busy), MODE:keep (--reclaim-after 0), MODE:reclaim=SECONDS, MODE:one=N, or a peer among {','.join(PEERS)} (default: %(default)s)")
     p.add_argument("--mixes", default="burn,slow", help=f"among {','.join(openloop.MIXES)} (default %(default)s)")
     p.add_argument("--loads", default="0.3,0.6,0.9",
                    help="offered load as fractions of each target's capacity (default %(default)s)")

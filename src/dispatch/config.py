@@ -67,6 +67,7 @@ class Config:
     accept_batch: int = default("accept_batch")
     skip_busy: bool = default("skip_busy")
     reclaim_after: float = default("reclaim_after")
+    one_per_message_below: int = default("one_per_message_below")
     ssl: _ssl.SSLContext | None = default("ssl")
     user: str | int | None = default("user")
     group: str | int | None = default("group")

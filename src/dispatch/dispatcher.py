@@ -44,7 +44,8 @@ class Dispatcher:
 
     def __init__(self, policy: Policy | ConnectionPolicy, workers: dict[int, WorkerHandle],
                  reactor: Reactor, counters: Counters, failures: FailureLog, accept_batch: int,
-                 backlog: int, skip_busy: bool = True, reclaim_after: float = 0.0) -> None:
+                 backlog: int, skip_busy: bool = True, reclaim_after: float = 0.0,
+                 one_per_message_below: int = 0) -> None:
         self.workers = workers
         self.policy = GuardedPolicy(policy, self._policy_failed)
         self.reactor = reactor
@@ -56,6 +57,7 @@ class Dispatcher:
         # policy (sticky): its choice of worker is the point, not only who is free.
         self.reclaim_after = 0.0 if self.policy.per_connection else reclaim_after
         self.reclaim_due = 0.0  # when to look at unread channels again (reclaim); 0: nothing waits
+        self.one_per_message_below = one_per_message_below
         self.targets: list[WorkerHandle] = []  # who can take a connection now
         self.pending: array.array[int] = array.array("i")  # accepted or taken back, not yet passed on
         self.accepting = False
@@ -198,8 +200,13 @@ class Dispatcher:
                     if share >= free:
                         share = free
                         credit_spent = True
-                limit = worker.max_batch
+                max_batch = worker.max_batch
+                below = self.one_per_message_below
                 while share > 0:
+                    # A worker that holds little takes its connections one per message, so
+                    # one per loop pass: the rest wait unread, where skip_busy and reclaim
+                    # can still move them if a request blocks its loop.
+                    limit = 1 if below and worker.sent - worker.done < below else max_batch
                     chunk = share if share <= limit else limit
                     try:
                         sent = send(worker.fd, buf, start, chunk, messages[chunk], dontwait, True)

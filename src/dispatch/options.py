@@ -297,6 +297,14 @@ OPTIONS: tuple[Option, ...] = (
            "worker, or for `stall_after`). Sticky and other per-connection policies keep their choice",
            cli={"type": float, "metavar": "SECONDS"},
            cli_help="seconds before connections a worker has not read go to one that is reading (0: never)"),
+    Option("one_per_message_below", 0, _int(0, 1_000_000),
+           "user-space modes: a worker holding fewer than this many connections gets new ones "
+           "one per channel message, so it starts one per loop pass and the rest wait unread, "
+           "where `skip_busy` and `reclaim_after` can still move them if its loop blocks. Lower "
+           "tail latency at moderate load, more messages and loop passes per connection at "
+           "saturation (Benchmarks, below); 0: whole batches",
+           cli={"type": int, "metavar": "N"}, shown_default="0 (off)",
+           cli_help="a worker holding fewer than N connections gets them one per message (0: off)"),
     Option("ssl", None, _ssl,
            "an `ssl.SSLContext`; the TLS handshake runs in the worker, never in the primary "
            "(CLI: `--certfile`, `--keyfile`)",
@@ -392,6 +400,7 @@ class Options(TypedDict, total=False):
     accept_batch: int
     skip_busy: bool
     reclaim_after: float
+    one_per_message_below: int
     ssl: SSLContext | None
     user: str | int | None
     group: str | int | None

@@ -197,7 +197,8 @@ class Server:
             self._dispatcher = Dispatcher(self.config.policy, self.workers, reactor, self.counters, self._failures,
                                           self.config.accept_batch, self.config.backlog,
                                           self.config.skip_busy,
-                                          self.config.reclaim_after if self.config.skip_busy else 0.0)
+                                          self.config.reclaim_after if self.config.skip_busy else 0.0,
+                                          self.config.one_per_message_below)
             self._fleet.dispatcher = self._dispatcher
             if self._successor is None:  # a successor accepts once it has told the old primary
                 for sock in self.listeners:
