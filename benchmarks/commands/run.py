@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -73,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="whole seconds of keep-alive load after each start; 0 = none (default %(default)s)")
     p.add_argument("--stop-timeout", type=float,
                    help="seconds between SIGTERM and SIGKILL (default 5; 2 with --quick)")
+    p.add_argument("--dispatch-args", default="", metavar="FLAGS",
+                   help="extra flags for the dispatch modes, e.g. '--one-per-message-below 4'")
     p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default %(default)s)")
 
 
@@ -142,7 +145,7 @@ def compare(args: argparse.Namespace) -> int:
     (out / "logs").mkdir(exist_ok=True)
     scripts = workloads.write_scripts(out)
     machine = machine_info()
-    health = ("--health", "127.0.0.1:HPORT")
+    health = ("--health", "127.0.0.1:HPORT", *shlex.split(args.dispatch_args))
     commands = {t: display_command(t, args.workers, dispatch_args=health if t in DISPATCH_MODES else ())
                 for t in args.modes}
     records: list[dict[str, Any]] = []
@@ -170,6 +173,6 @@ def one_server(target: str, rnd: int, args: argparse.Namespace, scripts: dict[st
     server = Server(target, free_port(), args.workers, args.out / "logs" / f"{target}.r{rnd}.log")
     if target in DISPATCH_MODES:  # per-worker connection counts come from /cluster-health
         server.health_port = free_port()
-        server.dispatch_args = ("--health", f"127.0.0.1:{server.health_port}")
+        server.dispatch_args = ("--health", f"127.0.0.1:{server.health_port}", *shlex.split(args.dispatch_args))
     return run_server(server, rnd, workloads.workloads_for(target, args.workloads), workloads.measure,
                       args, scripts, progress)
