@@ -413,12 +413,20 @@ class Server:
         assert self._reactor is not None
         self._running = True
         poll = self._reactor.poll
-        next_tick = time.monotonic() + _TICK
+        monotonic = time.monotonic
+        now = monotonic()
+        next_tick = now + _TICK
         try:
+            # The hot loop: one clock read per pass. It wakes for the tick, or sooner when
+            # the dispatcher wants to look at unread channels (reclaim_after).
             while self._running:
-                poll(self._next_wakeup(next_tick))
-                now = time.monotonic()
-                self._reclaim_if_due(now)
+                dispatcher = self._dispatcher
+                due = dispatcher.reclaim_due if dispatcher is not None else 0.0
+                wake = due if due and due < next_tick else next_tick
+                poll(wake - now if wake > now else 0.0)
+                now = monotonic()
+                if due and now >= due:
+                    self._reclaim(now)
                 if now >= next_tick:
                     next_tick = now + _TICK
                     self._tick(now)
@@ -430,17 +438,10 @@ class Server:
                 log.info("dispatch primary %d stopped", os.getpid())
         return self._exit_code
 
-    def _next_wakeup(self, next_tick: float) -> float:
-        """Seconds to wait for events: until the tick, or sooner to look at unread channels."""
-        due = next_tick
-        if self._dispatcher is not None and self._dispatcher.reclaim_due:
-            due = min(due, self._dispatcher.reclaim_due)
-        return max(0.0, due - time.monotonic())
-
-    def _reclaim_if_due(self, now: float) -> None:
+    def _reclaim(self, now: float) -> None:
         dispatcher = self._dispatcher
         if dispatcher is None or not dispatcher.reclaim_due or now < dispatcher.reclaim_due:
-            return
+            return  # re-armed later (or cleared) by what ran during the poll
         try:
             dispatcher.reclaim(now)
         except Exception:
