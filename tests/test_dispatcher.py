@@ -514,3 +514,24 @@ def test_whole_batches_by_default(harness: Any) -> None:
     a, b = h.worker(0), h.worker(1)
     assert h.dispatch(6) == 0
     assert _messages(a) == [3] and _messages(b) == [3]
+
+
+def test_reclaim_never_moves_more_than_evens_the_loads(harness: Any) -> None:
+    h = harness(balance="least-connections", reclaim_after=0.05)
+    a, b = h.worker(0), h.worker(1)
+    # A burst of keep-alive connections: worker 1 read its 4, worker 0 is still starting
+    # the first 2 of its 4 and has not read the other 2. Moving them would leave 6 to 2.
+    _give(h, b, 4)
+    assert h.received(b) == 4
+    _give(h, a, 4)
+    assert _fdpass.recv_fds(a.worker_end.fileno(), 64) is not None
+    assert _fdpass.recv_fds(a.worker_end.fileno(), 64) is not None
+    assert h.dispatcher.reclaim(_later(0.1)) == 0
+    assert h.received(a) == 2 and a.reclaimed == 0
+    # A worker blocked with 2 while the other holds none: one of them moves.
+    h2 = harness(balance="least-connections", reclaim_after=0.05)
+    c, d = h2.worker(0), h2.worker(1)
+    _give(h2, c, 2)
+    assert _fdpass.recv_fds(c.worker_end.fileno(), 64) is not None  # it read one, then blocked
+    assert h2.dispatcher.reclaim(_later(0.1)) == 1
+    assert h2.received(d) == 1

@@ -468,7 +468,7 @@ class Dispatcher:
                 self._watch_unread(worker, worker.unread_since)
         if not stuck:
             return 0
-        room = self._readers_room(unread)
+        room, least = self._readers_room(unread)
         if room == 0:
             # Everyone is behind (that is load, not one blocked loop) or the readers have
             # no credit left: moving connections would only move the queue. Look again later.
@@ -476,11 +476,22 @@ class Dispatcher:
                 self._watch_unread(worker, now)
             return 0
         taken = 0
+        even = self.policy.needs_loads
         for worker in stuck:
-            if room is not None and room <= 0:
+            # With fresh loads (least-connections: a report every loop pass), never more than
+            # evens it with the least-loaded reader: a worker busy starting a burst of
+            # keep-alive connections must not hand them all to the other one. Round-robin's
+            # workers report in batches, so its loads are too stale to weigh.
+            limit = room
+            if even:
+                share = (worker.sent - worker.done - least + 1) // 2
+                limit = share if room is None or share < room else room
+            elif limit is None:
+                limit = worker.sent - worker.done
+            if limit <= 0:
                 self._watch_unread(worker, now)
                 continue
-            got, lost = self.take_back(worker, room)
+            got, lost = self.take_back(worker, limit)
             self._came_back(worker, got + lost)
             worker.reclaimed += got
             taken += got
@@ -502,19 +513,23 @@ class Dispatcher:
             self.dispatch_pending()
         return taken
 
-    def _readers_room(self, unread: Callable[[int], int]) -> int | None:
-        """How many connections the targets that have read everything can take now
-        (None: no limit of their own); 0 when none has."""
-        room = 0
-        readers = False
+    def _readers_room(self, unread: Callable[[int], int]) -> tuple[int | None, int]:
+        """How many connections the targets that have read everything can take now (None:
+        no limit of their own; 0 when none has), and the fewest any of them holds."""
+        room: int | None = 0
+        least: int | None = None
         for worker in self.targets:
             if _unread_or_zero(unread, worker.fd):
                 continue
-            readers = True
+            load = worker.sent - worker.done
+            least = load if least is None or load < least else least
             if not worker.capacity:
-                return None  # no limit of its own (the in-flight budget is unchanged by a move)
-            room += max(0, worker.capacity - worker.sent + worker.done)
-        return room if readers else 0
+                room = None  # no limit of its own (the in-flight budget is unchanged by a move)
+            elif room is not None:
+                room += max(0, worker.capacity - load)
+        if least is None:
+            return 0, 0
+        return room, least
 
     def forget_unread(self) -> None:
         """Stop watching every channel (after a failure in ``reclaim``): sends start anew."""
