@@ -344,7 +344,7 @@ def _later(seconds: float) -> float:
 
 
 def test_connections_a_worker_leaves_unread_go_to_a_worker_that_reads(harness: Any) -> None:
-    h = harness(reclaim_after=0.05)
+    h = harness(balance="least-connections", reclaim_after=0.05)
     a, b = h.worker(0), h.worker(1)
     assert h.dispatch(1) == 0  # round-robin: to worker 0, whose loop never reads it
     assert h.dispatcher.reclaim_due > 0
@@ -360,7 +360,7 @@ def test_connections_a_worker_leaves_unread_go_to_a_worker_that_reads(harness: A
 
 
 def test_a_worker_that_reads_keeps_what_it_was_given(harness: Any) -> None:
-    h = harness(reclaim_after=0.05)
+    h = harness(balance="least-connections", reclaim_after=0.05)
     a, _b = h.worker(0), h.worker(1)
     h.dispatch(1)
     assert h.received(a) == 1  # its loop took it
@@ -370,7 +370,7 @@ def test_a_worker_that_reads_keeps_what_it_was_given(harness: Any) -> None:
 
 
 def test_when_every_worker_is_behind_nothing_is_reclaimed(harness: Any) -> None:
-    h = harness(reclaim_after=0.05)
+    h = harness(balance="least-connections", reclaim_after=0.05)
     a, b = h.worker(0), h.worker(1)
     h.dispatch(1)
     h.dispatch(1)  # worker 0 had not read: to worker 1; now neither reads
@@ -381,7 +381,7 @@ def test_when_every_worker_is_behind_nothing_is_reclaimed(harness: Any) -> None:
 
 
 def test_a_worker_that_read_some_since_the_last_look_is_not_stuck(harness: Any) -> None:
-    h = harness(reclaim_after=0.05)
+    h = harness(balance="least-connections", reclaim_after=0.05)
     a, b = h.worker(0), h.worker(1)
     for _ in range(2):  # two messages to worker 0, sent as a blind push would
         _fdpass.send_fds(a.fd, h.connections(1), 0, 1, protocol.encode_fds(1), 0, True)
@@ -396,7 +396,7 @@ def test_a_worker_that_read_some_since_the_last_look_is_not_stuck(harness: Any) 
 
 
 def test_reclaim_leaves_draining_and_stopping_workers_alone(harness: Any) -> None:
-    h = harness(reclaim_after=0.05)
+    h = harness(balance="least-connections", reclaim_after=0.05)
     a, b = h.worker(0), h.worker(1)
     h.dispatch(1)
     h.dispatcher.stopping = True  # what is taken back when stopping is closed, so take nothing
@@ -435,7 +435,7 @@ def _give(h: Any, worker: WorkerHandle, messages: int, announced: int = 1) -> No
 
 
 def test_a_worker_that_read_everything_is_watched_afresh(harness: Any) -> None:
-    h = harness(reclaim_after=0.05)
+    h = harness(balance="least-connections", reclaim_after=0.05)
     a, b = h.worker(0), h.worker(1)
     h.dispatch(1)
     assert h.received(a) == 1  # read at once...
@@ -448,7 +448,7 @@ def test_a_worker_that_read_everything_is_watched_afresh(harness: Any) -> None:
 
 
 def test_counters_never_go_down_when_connections_are_taken_back(harness: Any) -> None:
-    h = harness(reclaim_after=0.05)
+    h = harness(balance="least-connections", reclaim_after=0.05)
     a, b = h.worker(0), h.worker(1, capacity=1)
     _give(h, b, 1)  # worker 1 holds its one credit: nobody can take what worker 0 leaves
     assert h.received(b) == 1
@@ -462,7 +462,7 @@ def test_counters_never_go_down_when_connections_are_taken_back(harness: Any) ->
 
 
 def test_reclaim_takes_no_more_than_the_readers_can_take(harness: Any) -> None:
-    h = harness(reclaim_after=0.05)
+    h = harness(balance="least-connections", reclaim_after=0.05)
     a, b = h.worker(0), h.worker(1, capacity=1)
     _give(h, a, 3)
     assert h.dispatcher.reclaim(_later(0.1)) == 1  # worker 1 has one credit
@@ -472,7 +472,7 @@ def test_reclaim_takes_no_more_than_the_readers_can_take(harness: Any) -> None:
 
 
 def test_connections_lost_on_the_way_back_give_their_credits_back(harness: Any) -> None:
-    h = harness(reclaim_after=0.05)
+    h = harness(balance="least-connections", reclaim_after=0.05)
     a, b = h.worker(0), h.worker(1)
     _give(h, a, 1, announced=2)  # a message that lost a descriptor in transit
     assert h.dispatcher.reclaim(_later(0.1)) == 1
@@ -481,7 +481,7 @@ def test_connections_lost_on_the_way_back_give_their_credits_back(harness: Any) 
 
 
 def test_a_worker_taken_back_below_max_requests_is_not_recycled(harness: Any) -> None:
-    h = harness(reclaim_after=0.05)
+    h = harness(balance="least-connections", reclaim_after=0.05)
     a, _b = h.worker(0), h.worker(1)
     a.life.request_limit = a.request_limit = 1
     h.dispatch(1)  # its first connection reaches max_requests: recycled on the next tick
@@ -535,3 +535,12 @@ def test_reclaim_never_moves_more_than_evens_the_loads(harness: Any) -> None:
     assert _fdpass.recv_fds(c.worker_end.fileno(), 64) is not None  # it read one, then blocked
     assert h2.dispatcher.reclaim(_later(0.1)) == 1
     assert h2.received(d) == 1
+
+
+def test_round_robin_does_not_take_back(harness: Any) -> None:
+    # Its workers report completions in batches: loads too stale to move connections by.
+    h = harness(balance="round-robin", reclaim_after=0.05)
+    a, _b = h.worker(0), h.worker(1)
+    h.dispatch(1)
+    assert h.dispatcher.reclaim_due == 0 and h.dispatcher.reclaim(_later(1.0)) == 0
+    assert h.received(a) == 1 and a.reclaimed == 0

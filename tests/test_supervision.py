@@ -109,7 +109,7 @@ def test_stalled_worker_gets_nothing_new_and_its_queue_moves_long_before_timeout
 
 
 def test_a_stopped_worker_s_connections_are_reclaimed_long_before_it_stalls() -> None:
-    with ServerProcess(workers=2, timeout=20) as server:
+    with ServerProcess(workers=2, timeout=20, balance="least-connections") as server:
         victim, other = server.wait_ready(2)
         os.kill(victim, signal.SIGSTOP)
         try:

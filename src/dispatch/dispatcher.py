@@ -53,9 +53,13 @@ class Dispatcher:
         self.failures = failures
         self.backlog = backlog
         self.skip_busy = skip_busy
-        # 0: connections wait for the worker they were given to. So with a per-connection
-        # policy (sticky): its choice of worker is the point, not only who is free.
-        self.reclaim_after = 0.0 if self.policy.per_connection else reclaim_after
+        # 0: connections wait for the worker they were given to. Only policies that weigh
+        # fresh loads (least-connections) take back: they can move connections without
+        # unbalancing a burst of keep-alive ones (round-robin's workers report completions
+        # in batches, so its loads are stale), and a per-connection policy's choice (sticky)
+        # is the point, not only who is free.
+        fresh = self.policy.needs_loads and not self.policy.per_connection
+        self.reclaim_after = reclaim_after if fresh else 0.0
         self.reclaim_due = 0.0  # when to look at unread channels again (reclaim); 0: nothing waits
         self.one_per_message_below = one_per_message_below
         self.targets: list[WorkerHandle] = []  # who can take a connection now
@@ -476,18 +480,11 @@ class Dispatcher:
                 self._watch_unread(worker, now)
             return 0
         taken = 0
-        even = self.policy.needs_loads
         for worker in stuck:
-            # With fresh loads (least-connections: a report every loop pass), never more than
-            # evens it with the least-loaded reader: a worker busy starting a burst of
-            # keep-alive connections must not hand them all to the other one. Round-robin's
-            # workers report in batches, so its loads are too stale to weigh.
-            limit = room
-            if even:
-                share = (worker.sent - worker.done - least + 1) // 2
-                limit = share if room is None or share < room else room
-            elif limit is None:
-                limit = worker.sent - worker.done
+            # Never more than evens it with the least-loaded reader: a worker busy starting a
+            # burst of keep-alive connections must not hand them all to the other one.
+            share = (worker.sent - worker.done - least + 1) // 2
+            limit = share if room is None or share < room else room
             if limit <= 0:
                 self._watch_unread(worker, now)
                 continue
