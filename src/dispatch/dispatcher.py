@@ -17,7 +17,6 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
-import os
 import resource
 import socket
 import time
@@ -395,8 +394,7 @@ class Dispatcher:
                                     "in transit: no room in our descriptor table (RLIMIT_NOFILE)",
                                     max(missing, 0), worker.worker_id, exc_info=False)
             if self.stopping:
-                for fd_ in fds:
-                    os.close(fd_)
+                _fdpass.close_fds(array.array("i", fds))
                 continue
             self.pending.extend(fds)
             taken += len(fds)
@@ -450,7 +448,6 @@ class Dispatcher:
         self.reclaim_due = 0.0
         if self.stopping:
             return 0  # taken back now they would be closed
-        unread = _fdpass.unread_bytes
         stuck: list[WorkerHandle] = []
         for worker in self.workers.values():
             if not worker.unread_since:
@@ -458,7 +455,7 @@ class Dispatcher:
             if worker.state != supervisor.READY or worker.stalled:
                 worker.unread_since = 0.0  # draining or stalled: not ours to move
                 continue
-            queued = _unread_or_zero(unread, worker.fd)
+            queued = _unread_or_zero(worker.fd)
             if not queued:
                 worker.unread_since = 0.0
                 worker.unread_seen = 0
@@ -472,7 +469,7 @@ class Dispatcher:
                 self._watch_unread(worker, worker.unread_since)
         if not stuck:
             return 0
-        room, least = self._readers_room(unread)
+        room, least = self._readers_room()
         if room == 0:
             # Everyone is behind (that is load, not one blocked loop) or the readers have
             # no credit left: moving connections would only move the queue. Look again later.
@@ -495,7 +492,7 @@ class Dispatcher:
             if room is not None:
                 room -= got
             worker.unread_seen = 0
-            if _unread_or_zero(unread, worker.fd):
+            if _unread_or_zero(worker.fd):
                 self._watch_unread(worker, now)  # more than the readers could take
                 continue
             worker.unread_since = 0.0
@@ -510,13 +507,13 @@ class Dispatcher:
             self.dispatch_pending()
         return taken
 
-    def _readers_room(self, unread: Callable[[int], int]) -> tuple[int | None, int]:
+    def _readers_room(self) -> tuple[int | None, int]:
         """How many connections the targets that have read everything can take now (None:
         no limit of their own; 0 when none has), and the fewest any of them holds."""
         room: int | None = 0
         least: int | None = None
         for worker in self.targets:
-            if _unread_or_zero(unread, worker.fd):
+            if _unread_or_zero(worker.fd):
                 continue
             load = worker.sent - worker.done
             least = load if least is None or load < least else least
@@ -563,9 +560,10 @@ def _fds_count(datagram: bytes) -> int:
     return message.count if isinstance(message, protocol.Fds) else 0
 
 
-def _unread_or_zero(unread: Callable[[int], int], fd: int) -> int:
+def _unread_or_zero(fd: int) -> int:
+    """Bytes a worker has not read from its channel (``_reading`` inlines this on the hot path)."""
     try:
-        return unread(fd)
+        return _fdpass.unread_bytes(fd)
     except OSError:
         return 0  # cannot tell: a broken channel shows when we send
 
