@@ -99,6 +99,31 @@ def test_least_connections_ties_rotate(workers: int, load: int) -> None:
     assert chosen == [i % workers for i in range(2 * workers)]
 
 
+def test_least_connections_breaks_busy_ties_by_recent_progress() -> None:
+    policy = LeastConnections()
+    # Both hold one; worker 1 finished something last: a blocked loop (worker 0) finishes nothing.
+    for _ in range(4):
+        assert policy.assign(1, [1, 1], 2, [7, 9]) == [0, 1]
+        assert policy.assign(1, [2, 2], 2, [9, 7]) == [1, 0]
+    # A lower load still wins over recent progress.
+    assert policy.assign(1, [0, 1], 2, [1, 9]) == [1, 0]
+    # Idle workers still rotate, whatever their stamps: they share evenly.
+    chosen = [policy.assign(1, [0, 0, 0], 3, [5, 9, 1]).index(1) for _ in range(6)]
+    assert sorted(chosen) == [0, 0, 1, 1, 2, 2]
+
+
+@given(st.lists(st.integers(0, 20), min_size=1, max_size=8), st.integers(0, 64), st.data())
+def test_least_connections_with_progress_still_pours_like_water(loads: list[int], count: int,
+                                                                 data: st.DataObject) -> None:
+    recent = data.draw(st.lists(st.integers(0, 100), min_size=len(loads), max_size=len(loads)))
+    counts = LeastConnections().assign(count, loads, len(loads), recent)
+    assert sum(counts) == count and all(c >= 0 for c in counts)
+    after = [load + c for load, c in zip(loads, counts, strict=True)]
+    for i, c in enumerate(counts):
+        if c:
+            assert after[i] <= min(after) + 1
+
+
 def test_least_connections_picks_the_idlest() -> None:
     policy = LeastConnections()
     assert policy.assign(1, [3, 0, 5], 3) == [0, 1, 0]

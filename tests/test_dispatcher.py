@@ -338,6 +338,21 @@ def test_least_connections_and_sticky_pass_over_a_worker_that_is_not_reading(har
     assert h.received(a) > 1
 
 
+def test_least_connections_gives_a_tie_to_the_worker_that_finished_last(harness: Any) -> None:
+    h = harness(balance="least-connections", skip_busy=False, reclaim_after=0)
+    a, b = h.worker(0), h.worker(1)
+    h.dispatch(2)  # one each
+    assert (h.received(a), h.received(b)) == (1, 1)
+    h.dispatcher.on_done(a, 1)
+    h.dispatch(1)  # to worker 0, the idler: loads 1 and 1, worker 0 finished one, worker 1 none
+    assert (h.received(a), h.received(b)) == (1, 0)
+    for _ in range(4):
+        h.dispatch(1)  # a tie each time: rotation would alternate
+        assert (h.received(a), h.received(b)) == (1, 0)
+        h.dispatcher.on_done(a, 1)
+    assert a.progress > b.progress == 0
+
+
 # ------------------------------------------------------------------ reclaim_after
 def _later(seconds: float) -> float:
     return time.monotonic() + seconds

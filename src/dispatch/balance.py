@@ -48,18 +48,30 @@ class LeastConnections:
     """Each connection to the worker holding the fewest right now.
 
     A batch is poured like water: the least-loaded workers are filled up to
-    the next one's level first. Ties rotate so that idle workers share evenly.
+    the next one's level first. Ties between idle workers rotate, so that they
+    share evenly; ties between busy ones go to the one that finished a
+    connection most recently (``recent``): one whose loop is blocked finishes
+    nothing, and its equal count hides that it is stuck.
     """
 
     needs_loads = True
+    #: ``assign`` also takes ``recent``: the dispatcher's progress stamps.
+    weighs_progress = True
 
     def __init__(self) -> None:
         self._cursor = 0
 
-    def assign(self, count: int, loads: Sequence[int], workers: int) -> list[int]:
+    def assign(self, count: int, loads: Sequence[int], workers: int,
+               recent: Sequence[int] = ()) -> list[int]:
+        """``recent[i]``: when worker ``i`` last reported a connection done, as a
+        number that grows with each report (higher: more recent); empty: rotate all ties."""
         start = self._cursor % workers
         self._cursor = start + 1
-        order = sorted(range(workers), key=lambda i: (loads[i], (i - start) % workers))
+        if recent:
+            order = sorted(range(workers), key=lambda i: (loads[i], -recent[i] if loads[i] else 0,
+                                                          (i - start) % workers))
+        else:
+            order = sorted(range(workers), key=lambda i: (loads[i], (i - start) % workers))
         counts = [0] * workers
         remaining = count
         level = loads[order[0]]
@@ -156,6 +168,8 @@ class GuardedPolicy:
     def __init__(self, policy: Policy | ConnectionPolicy, on_error: Callable[[str], None]) -> None:
         self.policy = policy
         self.needs_loads = bool(policy.needs_loads)
+        # Ours only: a user's assign() keeps the documented three arguments.
+        self.weighs_progress = type(policy) is LeastConnections
         # Policies that look at each client address take the slower, per-connection path.
         self.per_connection = isinstance(policy, ConnectionPolicy) and not isinstance(policy, Policy)
         self._fallback = RoundRobin()
@@ -166,7 +180,9 @@ class GuardedPolicy:
             self.assign = getattr(policy, "assign", self.assign)  # type: ignore[method-assign]
             self.choose = getattr(policy, "choose", self.choose)  # type: ignore[method-assign]
 
-    def assign(self, count: int, loads: Sequence[int], workers: int) -> list[int]:
+    def assign(self, count: int, loads: Sequence[int], workers: int,
+               recent: Sequence[int] = ()) -> list[int]:
+        """The policy's split; ``recent`` (progress stamps) reaches only ours."""
         try:
             shares = self.policy.assign(count, loads, workers)  # type: ignore[union-attr]
         except Exception as exc:

@@ -69,6 +69,7 @@ class Dispatcher:
         self.budget = 0  # how many may be outstanding
         self.retired_sent = 0  # connections passed to workers that have exited
         self._dispatched_high = 0  # the most dispatched_total has said
+        self._progress = 0  # stamps each Done (WorkerHandle.progress): who finished last
         self.over_limit: list[WorkerHandle] = []  # past max_requests: recycle on the tick
         self._accept_batch = accept_batch
         self._accept_buf = array.array("i", bytes(4 * accept_batch))
@@ -195,7 +196,10 @@ class Dispatcher:
                 targets = self._reading(targets)
             batch = count if count <= room else room
             loads = [w.sent - w.done for w in targets] if self.policy.needs_loads else ()
-            shares = self.policy.assign(batch, loads, len(targets))
+            if self.policy.weighs_progress:
+                shares = self.policy.assign(batch, loads, len(targets), [w.progress for w in targets])
+            else:
+                shares = self.policy.assign(batch, loads, len(targets))
             credit_spent = False
             for worker, share in zip(targets, shares, strict=True):
                 if worker.capacity:
@@ -326,6 +330,8 @@ class Dispatcher:
             return
         worker.done += count
         self.outstanding -= count
+        self._progress += 1
+        worker.progress = self._progress
         if worker.out_of_credit:
             self.rebuild_targets()
         elif not self.accepting:
