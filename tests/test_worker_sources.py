@@ -140,6 +140,22 @@ def test_a_full_runner_leaves_the_rest_unread_in_the_channel(
     os.close(got[1][0])
 
 
+def test_a_runner_that_filled_up_between_messages_leaves_the_next_one_unread(
+    channel: Callable[..., Channel], loop: asyncio.AbstractEventLoop
+) -> None:
+    ch = channel(FakeRunner(capacity=1))
+    ch.source.resume()
+    # Its only place was taken after the last read (a plain handler's thread started on a
+    # connection whose bytes came later): a connection read now would wait behind it.
+    ch.runner.active = 1
+    ch.send_connections(1)
+    run_until(loop, lambda: ch.source.paused)
+    assert ch.runner.fds == []
+    got = _fdpass.recv_fds(ch.worker.fileno(), 64)  # still there, for the primary to move
+    assert got is not None and protocol.decode(got[0]) == protocol.Fds(1) and len(got[1]) == 1
+    os.close(got[1][0])
+
+
 def test_in_the_kernel_modes_the_channel_is_read_whatever_the_room(
     channel: Callable[..., Channel], loop: asyncio.AbstractEventLoop
 ) -> None:

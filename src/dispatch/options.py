@@ -288,12 +288,12 @@ OPTIONS: tuple[Option, ...] = (
            "`/cluster-health` counts the skips per worker",
            cli={"action": argparse.BooleanOptionalAction}, cli_help="pass over workers that have not "
            "read what they were given (--no-skip-busy: plain push)"),
-    Option("reclaim_after", 0.002, _seconds_or_off,
+    Option("reclaim_after", 0.001, _seconds_or_off,
            "least-connections (policies that weigh fresh loads), with `skip_busy`: seconds a worker may leave "
            "connections unread in its channel while another worker has read everything; then the "
            "primary takes them back (it holds the worker's end of the channel too) and passes "
            "them to a worker that is reading. A connection given to a worker just before its "
-           "loop blocks waits this long, not the whole block. 0: never (they wait for the "
+           "loop blocks waits this long (the poll timer rounds it up to whole milliseconds), not the whole block. 0: never (they wait for the "
            "worker, or for `stall_after`). Never more than evens the two workers' loads; round-robin "
            "(stale loads: its workers report in batches) and sticky keep their choice",
            cli={"type": float, "metavar": "SECONDS"},

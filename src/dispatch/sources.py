@@ -103,6 +103,11 @@ class ChannelSource:
         # loop runs them before the next message is taken. A handler that blocks the
         # loop then traps one message's connections, not the channel's; the rest stay
         # unread, where the primary sees them (skip_busy) and can take them back.
+        if self._pause_when_full and self._room() <= 0:
+            # Full since the last message (a plain handler's only thread took a request that
+            # arrived later): what waits could not start here, so it stays where it can move.
+            self.pause()
+            return
         got = _fdpass.recv_fds(self._fd, BATCH)
         if got is None:
             return
