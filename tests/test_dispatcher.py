@@ -146,17 +146,35 @@ def test_descriptors_in_flight_stay_within_the_budget(harness: Any) -> None:
     assert not h.dispatcher.accepting  # the rest waits in the kernel's backlog
 
 
-def test_etoomanyrefs_is_backpressure_not_a_broken_worker(harness: Any, monkeypatch: Any) -> None:
-    h = harness()
+@pytest.mark.parametrize("balance", ["round-robin", "least-connections", Sticky()])
+def test_etoomanyrefs_is_backpressure_not_a_broken_worker(harness: Any, monkeypatch: Any, balance: Any) -> None:
+    # Root never gets ETOOMANYREFS for real (CAP_SYS_RESOURCE): the sends are made to fail.
+    h = harness(balance=balance)
     worker = h.worker(0)
+    if h.dispatcher._passer is not None:
+        h.dispatcher._passer.fail_sends(1, errno.ETOOMANYREFS)
+    else:
+        def refuse(*args: Any) -> bool:
+            raise OSError(errno.ETOOMANYREFS, os.strerror(errno.ETOOMANYREFS))
 
-    def refuse(*args: Any) -> bool:
-        raise OSError(errno.ETOOMANYREFS, os.strerror(errno.ETOOMANYREFS))
-
-    monkeypatch.setattr(_fdpass, "send_fds", refuse)
+        monkeypatch.setattr(_fdpass, "send_fds", refuse)
     assert h.dispatch(4) == 4
     assert h.killed == [] and worker in h.dispatcher.targets
     assert h.server.counters.inflight_full == 1 and not h.dispatcher.accepting
+    assert worker.sent == 0 and h.dispatcher.outstanding == 0
+
+
+@pytest.mark.parametrize("balance", ["round-robin", "least-connections"])
+def test_a_channel_that_refuses_a_send_retires_its_worker_and_the_batch_goes_on(harness: Any,
+                                                                                balance: str) -> None:
+    h = harness(balance=balance)
+    bad, good = h.worker(0), h.worker(1)
+    assert h.dispatcher._passer is not None
+    h.dispatcher._passer.fail_sends(1, errno.EPIPE)  # the first send: to worker 0
+    assert h.dispatch(4) == 0
+    assert h.killed == [bad.pid] and h.dispatcher.targets == [good]
+    assert (h.received(bad), h.received(good)) == (0, 4)
+    assert (bad.sent, good.sent, h.dispatcher.outstanding) == (0, 4, 4)
 
 
 def test_a_batch_policy_with_negative_shares_falls_back(harness: Any) -> None:

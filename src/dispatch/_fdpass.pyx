@@ -2,7 +2,7 @@
 # between processes with SCM_RIGHTS. Every syscall runs without the GIL, no
 # Python object is made per connection, and errors become OSError(errno).
 from libc.string cimport memcpy, memset
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, free, realloc
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 
 from dispatch._libc cimport (
@@ -10,7 +10,7 @@ from dispatch._libc cimport (
     MSG_CMSG_CLOEXEC, MSG_CTRUNC, MSG_DONTWAIT, MSG_NOSIGNAL, MSG_TRUNC,
     PR_SET_PDEATHSIG, SCM_RIGHTS, SOCK_CLOEXEC, SOCK_NONBLOCK, SOL_SOCKET,
     CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_NXTHDR, CMSG_SPACE,
-    accept4, close, cmsghdr, errno, ioctl, iovec, msghdr, prctl, recvmsg, sendmsg, syscall,
+    accept4, close, cmsghdr, errno, ioctl, iovec, msghdr, prctl, recv, recvmsg, sendmsg, syscall,
 )
 
 #: The kernel refuses more descriptors than this in one SCM_RIGHTS message.
@@ -88,24 +88,34 @@ def accept_batch(int listen_fd, int[::1] out, Py_ssize_t limit=-1):
     """
     cdef Py_ssize_t cap = out.shape[0] if limit < 0 or limit > out.shape[0] else limit
     cdef Py_ssize_t n = 0
-    cdef int fd, err = 0
-    with nogil:
-        while n < cap:
-            fd = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
-            if fd >= 0:
-                out[n] = fd
-                n += 1
-                continue
-            err = errno
-            if err == EINTR or err == ECONNABORTED or err == EPROTO or err == EPERM:
-                # EPERM: a firewall rule refused this one connection.
-                err = 0
-                continue
-            if err == EAGAIN:
-                err = 0
-            break
+    cdef int err = 0
+    if cap > 0:
+        with nogil:
+            n = _accept_into(listen_fd, &out[0], cap, &err)
     if err and n == 0:
         raise _oserror(err)
+    return n
+
+
+cdef Py_ssize_t _accept_into(int listen_fd, int *out, Py_ssize_t cap, int *error) noexcept nogil:
+    """accept_batch's loop: up to ``cap`` descriptors into ``out``; a hard error in ``error``."""
+    cdef Py_ssize_t n = 0
+    cdef int fd, err = 0
+    while n < cap:
+        fd = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        if fd >= 0:
+            out[n] = fd
+            n += 1
+            continue
+        err = errno
+        if err == EINTR or err == ECONNABORTED or err == EPROTO or err == EPERM:
+            # EPERM: a firewall rule refused this one connection.
+            err = 0
+            continue
+        if err == EAGAIN:
+            err = 0
+        break
+    error[0] = err
     return n
 
 
@@ -128,14 +138,9 @@ def send_fds(int sock_fd, const int[::1] fds, Py_ssize_t start=0, Py_ssize_t cou
     if count > _SCM_MAX_FD:
         raise ValueError(f"at most {_SCM_MAX_FD} descriptors per message, got {count}")
     cdef unsigned char zero = 0
-    cdef size_t control[_CONTROL_WORDS]
-    cdef msghdr msg
     cdef iovec iov
-    cdef cmsghdr *cmsg
-    cdef ssize_t rc
     cdef int err = 0
     cdef const unsigned char[::1] view
-    memset(&msg, 0, sizeof(msg))
     iov.iov_base = &zero
     iov.iov_len = 1
     if data is not None:
@@ -148,6 +153,28 @@ def send_fds(int sock_fd, const int[::1] fds, Py_ssize_t start=0, Py_ssize_t cou
             if view.shape[0] > 0:
                 iov.iov_base = <void *>&view[0]
                 iov.iov_len = view.shape[0]
+    cdef const int *first = &fds[start] if count > 0 else NULL
+    with nogil:
+        err = _send_message(sock_fd, first, count, iov.iov_base, iov.iov_len, flags, close_sent)
+    if err == 0:
+        return True
+    if err == EAGAIN:
+        return False
+    raise _oserror(err)
+
+
+cdef int _send_message(int sock_fd, const int *fds, Py_ssize_t count, void *data, size_t size,
+                       int flags, bint close_sent) noexcept nogil:
+    """One sendmsg of ``data`` with ``fds[0:count]`` attached (retried on EINTR).
+    Returns 0 or the errno; with ``close_sent`` our copies are closed once sent."""
+    cdef size_t control[_CONTROL_WORDS]
+    cdef msghdr msg
+    cdef iovec iov
+    cdef cmsghdr *cmsg
+    cdef ssize_t rc
+    memset(&msg, 0, sizeof(msg))
+    iov.iov_base = data
+    iov.iov_len = size
     msg.msg_iov = &iov
     msg.msg_iovlen = 1
     if count > 0:
@@ -157,22 +184,16 @@ def send_fds(int sock_fd, const int[::1] fds, Py_ssize_t start=0, Py_ssize_t cou
         cmsg.cmsg_level = SOL_SOCKET
         cmsg.cmsg_type = SCM_RIGHTS
         cmsg.cmsg_len = CMSG_LEN(sizeof(int) * count)
-        memcpy(CMSG_DATA(cmsg), &fds[start], sizeof(int) * count)
-    with nogil:
-        while True:
-            rc = sendmsg(sock_fd, &msg, flags | MSG_NOSIGNAL)
-            if rc >= 0:
-                break
-            err = errno
-            if err != EINTR:
-                break
-        if rc >= 0 and close_sent and count > 0:
-            _close_all(&fds[start], count)
-    if rc >= 0:
-        return True
-    if err == EAGAIN:
-        return False
-    raise _oserror(err)
+        memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * count)
+    while True:
+        rc = sendmsg(sock_fd, &msg, flags | MSG_NOSIGNAL)
+        if rc >= 0:
+            break
+        if errno != EINTR:
+            return errno
+    if close_sent and count > 0:
+        _close_all(fds, count)
+    return 0
 
 
 def recv_fds(int sock_fd, Py_ssize_t bufsize=4096, int maxfds=_SCM_MAX_FD, int flags=0):
@@ -238,6 +259,27 @@ def recv_fds(int sock_fd, Py_ssize_t bufsize=4096, int maxfds=_SCM_MAX_FD, int f
     return bytes(view[:rc]), [received[i] for i in range(nfds)], msg.msg_flags
 
 
+def recv_message(int sock_fd):
+    """One message of at most 64 bytes from a channel, without waiting: its bytes,
+    ``b""`` at end of stream, or ``None`` when nothing waits (no exception for that:
+    the primary asks once more than there are messages on every pass)."""
+    cdef char buf[64]
+    cdef ssize_t rc
+    cdef int err = 0
+    while True:
+        rc = recv(sock_fd, buf, sizeof(buf), MSG_DONTWAIT)
+        if rc >= 0:
+            break
+        err = errno
+        if err != EINTR:
+            break
+    if rc >= 0:
+        return buf[:rc]
+    if err == EAGAIN:
+        return None
+    raise _oserror(err)
+
+
 def close_fds(const int[::1] fds, Py_ssize_t start=0, Py_ssize_t count=-1):
     """Close ``fds[start:start+count]`` without the GIL, ignoring errors."""
     if count < 0:
@@ -254,3 +296,342 @@ def set_parent_death_signal(int signum):
     """Ask the kernel to send ``signum`` to this process when its parent dies."""
     if prctl(PR_SET_PDEATHSIG, <unsigned long>signum, 0, 0, 0) != 0:
         raise _oserror(errno)
+
+
+# ------------------------------------------------------------------ the dispatch loop
+cdef enum:
+    _ROUND_ROBIN = 0
+    _LEAST_CONNECTIONS = 1
+    _PASSED = 0
+    _CHANNEL_FULL = 1
+    _SEND_FAILED = 2
+    _OUT_OF_CREDIT = 3
+
+#: Policies the Passer runs itself (the others stay in Python).
+ROUND_ROBIN = _ROUND_ROBIN
+LEAST_CONNECTIONS = _LEAST_CONNECTIONS
+
+#: What stopped ``Passer.pass_batch`` before the whole batch was passed.
+PASSED = _PASSED  # nothing: all of it went
+CHANNEL_FULL = _CHANNEL_FULL  # ``slot``'s channel said EAGAIN
+SEND_FAILED = _SEND_FAILED  # sendmsg to ``slot`` failed with ``error``
+OUT_OF_CREDIT = _OUT_OF_CREDIT  # some target has no credit left: rebuild the targets and go on
+
+
+cdef class Passer:
+    """The dispatcher's targets as C arrays, and the loop that splits an accepted batch
+    over them and sends it: which workers are reading (``SIOCOUTQ``), each one's share
+    (round-robin, or least-connections poured like water), credits, one message per
+    chunk. Nothing in Python per connection or per target on this path.
+
+    The dispatcher loads the targets after every change (``set_targets``), reports
+    completions (``done``), and after each ``pass_batch`` reads what each slot was
+    given (``given``) and whether it was passed over as busy (``skipped``). The
+    policies are ``balance.RoundRobin`` and ``balance.LeastConnections`` to the letter,
+    rotation included; any other policy does not use a Passer.
+    """
+
+    cdef Py_ssize_t n, size
+    cdef int *fd
+    cdef long long *load  # sent - done, as the dispatcher counts them
+    cdef long long *cap  # the most it may hold; 0: no limit
+    cdef long long *max_batch
+    cdef long long *progress  # stamp of its last Done: higher is more recent
+    cdef long long *given_
+    cdef char *skipped_
+    cdef char *unread_
+    cdef Py_ssize_t *cand
+    cdef long long *share
+    cdef Py_ssize_t *order
+    cdef list messages  # kept alive: message_data points into them
+    cdef const char *message_data[_SCM_MAX_FD + 1]
+    cdef size_t message_size[_SCM_MAX_FD + 1]
+    cdef int[::1] accepted_  # the dispatcher's accept buffer (accept_and_pass)
+    cdef readonly Py_ssize_t passed  # of the last accept_and_pass
+    cdef readonly int policy
+    cdef public Py_ssize_t cursor
+    cdef public long long one_per_message_below
+    cdef readonly int status, slot, error
+    cdef readonly bint any_skipped
+    cdef readonly bint looked  # the last pass read every target's unread bytes
+    cdef int fail_count, fail_errno  # fault injection for tests (fail_sends)
+
+    def __cinit__(self, int policy, list messages, int[::1] accept_buffer,
+                  long long one_per_message_below=0):
+        if policy != _ROUND_ROBIN and policy != _LEAST_CONNECTIONS:
+            raise ValueError(f"unknown policy {policy}")
+        if len(messages) != _SCM_MAX_FD + 1 or not all(PyBytes_CheckExact(m) and len(m) for m in messages):
+            raise ValueError(f"messages: {_SCM_MAX_FD + 1} non-empty bytes, one per descriptor count")
+        if accept_buffer.shape[0] < 1:
+            raise ValueError("accept_buffer: room for at least one descriptor")
+        self.policy = policy
+        self.messages = messages
+        for i in range(_SCM_MAX_FD + 1):
+            self.message_data[i] = PyBytes_AS_STRING(messages[i])
+            self.message_size[i] = PyBytes_GET_SIZE(messages[i])
+        self.accepted_ = accept_buffer
+        self.one_per_message_below = one_per_message_below
+        self.n = self.size = 0
+        self._grow(4)
+
+    def __dealloc__(self):
+        free(self.fd)
+        free(self.load)
+        free(self.cap)
+        free(self.max_batch)
+        free(self.progress)
+        free(self.given_)
+        free(self.skipped_)
+        free(self.unread_)
+        free(self.cand)
+        free(self.share)
+        free(self.order)
+
+    cdef void _grow(self, Py_ssize_t size) except *:
+        self.fd = <int *>_resized(self.fd, size * sizeof(int))
+        self.load = <long long *>_resized(self.load, size * sizeof(long long))
+        self.cap = <long long *>_resized(self.cap, size * sizeof(long long))
+        self.max_batch = <long long *>_resized(self.max_batch, size * sizeof(long long))
+        self.progress = <long long *>_resized(self.progress, size * sizeof(long long))
+        self.given_ = <long long *>_resized(self.given_, size * sizeof(long long))
+        self.skipped_ = <char *>_resized(self.skipped_, size * sizeof(char))
+        self.unread_ = <char *>_resized(self.unread_, size * sizeof(char))
+        self.cand = <Py_ssize_t *>_resized(self.cand, size * sizeof(Py_ssize_t))
+        self.share = <long long *>_resized(self.share, size * sizeof(long long))
+        self.order = <Py_ssize_t *>_resized(self.order, size * sizeof(Py_ssize_t))
+        self.size = size
+
+    def set_targets(self, fds, loads, caps, max_batches, progress):
+        """The targets, in the dispatcher's order (slot i is ``targets[i]``)."""
+        cdef Py_ssize_t n = len(fds), i
+        if not (len(loads) == len(caps) == len(max_batches) == len(progress) == n):
+            raise ValueError("one value per target in every list")
+        if n > self.size:
+            self._grow(n)
+        for i in range(n):
+            self.fd[i] = fds[i]
+            self.load[i] = loads[i]
+            self.cap[i] = caps[i]
+            self.max_batch[i] = max(1, min(<long long>max_batches[i], _SCM_MAX_FD))
+            self.progress[i] = progress[i]
+            self.given_[i] = 0
+            self.skipped_[i] = 0
+            self.unread_[i] = 0
+        self.n = n
+
+    def done(self, Py_ssize_t slot, long long count, long long stamp):
+        """Target ``slot`` reported ``count`` connections done (progress ``stamp``)."""
+        if 0 <= slot < self.n:
+            self.load[slot] -= count
+            self.progress[slot] = stamp
+
+    def given(self, Py_ssize_t slot):
+        """Connections the last ``pass_batch`` sent to ``slot``."""
+        return self.given_[slot] if 0 <= slot < self.n else 0
+
+    def fail_sends(self, int count, int err):
+        """Tests: the next ``count`` sends fail with ``err`` and send nothing (some errors,
+        like ETOOMANYREFS, cannot be produced for real by a privileged process)."""
+        self.fail_count = count
+        self.fail_errno = err
+
+    @property
+    def given_slot(self):
+        """The one slot the last pass gave connections to; -1 when none or several did."""
+        cdef Py_ssize_t i, found = -1
+        for i in range(self.n):
+            if self.given_[i]:
+                if found != -1:
+                    return -1
+                found = i
+        return found
+
+    def unread(self, Py_ssize_t slot):
+        """True if ``slot`` had unread messages when the last pass looked (``looked``)."""
+        return bool(self.unread_[slot]) if 0 <= slot < self.n else False
+
+    def skipped(self, Py_ssize_t slot):
+        """True if the last ``pass_batch`` passed ``slot`` over: it had not read what it had."""
+        return bool(self.skipped_[slot]) if 0 <= slot < self.n else False
+
+    def accept_and_pass(self, int listen_fd, Py_ssize_t limit, Py_ssize_t room, bint skip_busy):
+        """Accept up to ``limit`` connections into the accept buffer, as ``accept_batch``
+        does (an error on the first accept raises ``OSError``), and pass up to ``room`` of
+        them as ``pass_batch`` does. Returns how many were accepted; ``passed`` says how
+        many of them went (``buffer[0:passed]``), the rest are the caller's."""
+        cdef Py_ssize_t cap = self.accepted_.shape[0] if limit > self.accepted_.shape[0] else limit
+        cdef Py_ssize_t n = 0
+        cdef int err = 0
+        cdef int *fds = &self.accepted_[0]
+        self.passed = 0
+        self._reset()
+        cdef Py_ssize_t passed = 0
+        if cap > 0:
+            with nogil:  # accepting and passing, all in one go without the GIL
+                n = _accept_into(listen_fd, fds, cap, &err)
+                if n and room > 0:
+                    passed = self._pass(fds, n if n <= room else room, skip_busy)
+        self.passed = passed
+        if err and n == 0:
+            raise _oserror(err)
+        return n
+
+    def pass_batch(self, int[::1] buf, Py_ssize_t start, Py_ssize_t count, bint skip_busy):
+        """Send ``buf[start:start+count]`` to the targets; returns how many went: always
+        ``buf[start:start+passed]``, sends take from the front. ``status`` says what
+        stopped it short, or that a target spent its last credit."""
+        if start < 0 or count < 0 or start + count > buf.shape[0]:
+            raise ValueError("start/count out of range")
+        self._reset()
+        if count == 0:
+            return 0
+        cdef int *fds = &buf[start]
+        cdef Py_ssize_t passed
+        with nogil:
+            passed = self._pass(fds, count, skip_busy)
+        return passed
+
+    cdef void _reset(self) noexcept nogil:
+        cdef Py_ssize_t i
+        self.status = _PASSED
+        self.slot = -1
+        self.error = 0
+        self.any_skipped = False
+        self.looked = False
+        for i in range(self.n):
+            self.given_[i] = 0
+            self.skipped_[i] = 0
+            self.unread_[i] = 0
+
+    cdef Py_ssize_t _pass(self, int *fds, Py_ssize_t count, bint skip_busy) noexcept nogil:
+        cdef Py_ssize_t n = self.n, m = 0, i, j, passed = 0
+        cdef int queued
+        cdef long long share, free_, limit, chunk
+        cdef bint credit_spent = False
+        cdef int err
+        if n == 0 or count == 0:
+            return 0
+        # Who is reading: a worker with unread messages while another has none is passed over.
+        if skip_busy and n > 1:
+            self.looked = True
+            for i in range(n):
+                queued = 0
+                if ioctl(self.fd[i], SIOCOUTQ, &queued) != 0:
+                    queued = 0  # cannot tell: a reader; a broken channel shows on send
+                if queued > 0:
+                    self.skipped_[i] = 1
+                    self.unread_[i] = 1
+                else:
+                    self.cand[m] = i
+                    m += 1
+            if m == 0 or m == n:
+                for i in range(n):
+                    self.skipped_[i] = 0
+                    self.cand[i] = i
+                m = n
+            else:
+                self.any_skipped = True
+        else:
+            for i in range(n):
+                self.cand[i] = i
+            m = n
+        if self.policy == _ROUND_ROBIN:
+            self._round_robin(count, m)
+        else:
+            self._least_connections(count, m)
+        for j in range(m):
+            i = self.cand[j]
+            share = self.share[j]
+            if share <= 0:
+                continue
+            if self.cap[i]:
+                free_ = self.cap[i] - self.load[i]
+                if share >= free_:
+                    share = free_ if free_ > 0 else 0
+                    credit_spent = True
+            while share > 0:
+                # A worker holding little takes one per message (one per loop pass).
+                if self.one_per_message_below and self.load[i] < self.one_per_message_below:
+                    limit = 1
+                else:
+                    limit = self.max_batch[i]
+                chunk = share if share <= limit else limit
+                if self.fail_count > 0:
+                    self.fail_count -= 1
+                    err = self.fail_errno
+                else:
+                    err = _send_message(self.fd[i], fds + passed, chunk, <void *>self.message_data[chunk],
+                                        self.message_size[chunk], MSG_DONTWAIT, True)
+                if err:
+                    self.status = _CHANNEL_FULL if err == EAGAIN else _SEND_FAILED
+                    self.slot = <int>i
+                    self.error = err
+                    return passed
+                self.load[i] += chunk
+                self.given_[i] += chunk
+                passed += chunk
+                share -= chunk
+        if credit_spent:
+            self.status = _OUT_OF_CREDIT  # even if all went: that target must leave the targets
+        return passed
+
+    cdef void _round_robin(self, Py_ssize_t count, Py_ssize_t m) noexcept nogil:
+        cdef Py_ssize_t share = count // m, extra = count % m, first = self.cursor % m, i
+        for i in range(m):
+            self.share[i] = share
+        for i in range(extra):
+            self.share[(first + i) % m] += 1
+        self.cursor = first + extra
+
+    cdef void _least_connections(self, Py_ssize_t count, Py_ssize_t m) noexcept nogil:
+        cdef Py_ssize_t first = self.cursor % m, i, j, k, filled, rank
+        cdef long long remaining = count, level, room, step, each, extra
+        self.cursor = first + 1
+        # Order the candidates by (load, busy ones by recent progress, rotation from first).
+        for i in range(m):
+            self.order[i] = i
+            self.share[i] = 0
+        for i in range(1, m):
+            k = self.order[i]
+            j = i - 1
+            while j >= 0 and self._before(k, self.order[j], first, m):
+                self.order[j + 1] = self.order[j]
+                j -= 1
+            self.order[j + 1] = k
+        level = self.load[self.cand[self.order[0]]]
+        filled = 1
+        while remaining:
+            while filled < m and self.load[self.cand[self.order[filled]]] <= level:
+                filled += 1
+            if filled == m:
+                room = remaining
+            else:
+                room = (self.load[self.cand[self.order[filled]]] - level) * filled
+            if room >= remaining:
+                each = remaining // filled
+                extra = remaining % filled
+                for rank in range(filled):
+                    self.share[self.order[rank]] += each + (1 if rank < extra else 0)
+                break
+            step = self.load[self.cand[self.order[filled]]] - level
+            for rank in range(filled):
+                self.share[self.order[rank]] += step
+            remaining -= room
+            level += step
+
+    cdef bint _before(self, Py_ssize_t a, Py_ssize_t b, Py_ssize_t first, Py_ssize_t m) noexcept nogil:
+        """Candidate ``a`` goes before ``b``: fewer held; between busy equals, the one that
+        finished a connection last; then the rotation."""
+        cdef long long load_a = self.load[self.cand[a]], load_b = self.load[self.cand[b]]
+        if load_a != load_b:
+            return load_a < load_b
+        if load_a and self.progress[self.cand[a]] != self.progress[self.cand[b]]:
+            return self.progress[self.cand[a]] > self.progress[self.cand[b]]
+        return (a - first + m) % m < (b - first + m) % m
+
+
+cdef void *_resized(void *pointer, size_t size) except NULL:
+    cdef void *grown = realloc(pointer, size)
+    if grown == NULL:
+        raise MemoryError()
+    return grown

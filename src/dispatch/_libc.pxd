@@ -60,6 +60,7 @@ cdef extern from "<sys/socket.h>" nogil:
 
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     ssize_t recvmsg(int fd, msghdr *msg, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
     int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
 
     cmsghdr *CMSG_FIRSTHDR(msghdr *msg)

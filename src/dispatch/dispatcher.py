@@ -17,13 +17,14 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import os
 import resource
 import socket
 import time
 from collections.abc import Callable
 
 from dispatch import _fdpass, protocol, supervisor
-from dispatch.balance import ConnectionPolicy, GuardedPolicy, Policy
+from dispatch.balance import ConnectionPolicy, GuardedPolicy, LeastConnections, Policy, RoundRobin
 from dispatch.counters import Counters
 from dispatch.limits import descriptors_free
 from dispatch.logs import FailureLog
@@ -61,6 +62,9 @@ class Dispatcher:
         self.reclaim_after = reclaim_after if fresh else 0.0
         self.reclaim_due = 0.0  # when to look at unread channels again (reclaim); 0: nothing waits
         self.one_per_message_below = one_per_message_below
+        # Our own batch policies run in C (the Passer); a user's policy, and sticky, here.
+        kind = {RoundRobin: _fdpass.ROUND_ROBIN, LeastConnections: _fdpass.LEAST_CONNECTIONS}.get(
+            type(self.policy.policy))
         self.targets: list[WorkerHandle] = []  # who can take a connection now
         self.pending: array.array[int] = array.array("i")  # accepted or taken back, not yet passed on
         self.accepting = False
@@ -77,6 +81,8 @@ class Dispatcher:
         self._accept_resume_at = 0.0
         self._accept_failures = 0  # in a row: the backoff grows with them
         self._listen_fds: list[int] = []
+        self._passer = None if kind is None else _fdpass.Passer(kind, _FDS_MESSAGES, self._accept_buf,
+                                                                one_per_message_below)
 
     # ------------------------------------------------------------ listeners
     def add_listener(self, sock: socket.socket) -> None:
@@ -90,19 +96,35 @@ class Dispatcher:
         buf = self._accept_buf
 
         def on_listener_readable(events: int) -> None:
+            passer = self._passer
+            room = self.budget - self.outstanding
             try:
-                count = accept_batch(listen_fd, buf, self._accept_limit)
+                if passer is not None and self.targets and room > 0:
+                    # Our own policies: accept and pass in one call to C.
+                    count = passer.accept_and_pass(listen_fd, self._accept_limit, room, self.skip_busy)
+                    passed = passer.passed
+                    if count and not self._settle(passed, count - passed):
+                        self._keep(buf, passed, count - passed)
+                        return
+                    left_at, left = passed, count - passed
+                else:
+                    count = accept_batch(listen_fd, buf, self._accept_limit)
+                    left_at, left = 0, count
             except OSError as exc:
                 self._accept_failed(exc)
                 return
             self._accept_failures = 0
-            if count:
-                left_at, left = self.dispatch(buf, 0, count)
-                if left:
-                    self.pending.extend(buf[left_at : left_at + left])
-                    self.update_accepting()
+            if left:
+                self._keep(buf, *self.dispatch(buf, left_at, left))
+
 
         return on_listener_readable
+
+    def _keep(self, buf: array.array[int], start: int, count: int) -> None:
+        """Accepted connections no worker took now: they wait in ``pending``."""
+        if count:
+            self.pending.extend(buf[start : start + count])
+            self.update_accepting()
 
     def _accept_failed(self, exc: OSError) -> None:
         """Any accept error: the listener may stay readable, so back off instead of
@@ -179,6 +201,8 @@ class Dispatcher:
     # ------------------------------------------------------------ passing
     def dispatch(self, buf: array.array[int], start: int, count: int) -> tuple[int, int]:
         """Pass ``buf[start:start+count]`` to workers; returns what is left (start, count)."""
+        if self._passer is not None:
+            return self._dispatch_passer(buf, start, count)
         if self.policy.per_connection:
             return self._dispatch_each(buf, start, count)
         send = _fdpass.send_fds
@@ -226,13 +250,8 @@ class Dispatcher:
                     if not sent:
                         self._backpressure(worker)
                         break
-                    worker.sent += chunk
+                    self._sent_to(worker, chunk, now)
                     self.outstanding += chunk
-                    if now and not worker.unread_since:
-                        self._watch_unread(worker, now)
-                    if worker.request_limit and worker.sent >= worker.request_limit:
-                        worker.request_limit = 0  # noted once; recycled on the next tick
-                        self.over_limit.append(worker)
                     start += chunk
                     count -= chunk
                     share -= chunk
@@ -241,6 +260,86 @@ class Dispatcher:
             elif self.targets is unchanged and self.outstanding < self.budget:
                 break  # nothing changed and nothing is left to try this time
         return start, count
+
+    def _dispatch_passer(self, buf: array.array[int], start: int, count: int) -> tuple[int, int]:
+        """Our own policies: the Passer picks, splits and sends in C; here only the
+        bookkeeping of the workers that got something, and what stopped it short."""
+        passer = self._passer
+        assert passer is not None
+        while count and self.targets:
+            room = self.budget - self.outstanding
+            if room <= 0:
+                self._inflight_full()
+                break
+            passed = passer.pass_batch(buf, start, count if count <= room else room, self.skip_busy)
+            start += passed
+            count -= passed
+            if not self._settle(passed, count):
+                break
+        return start, count
+
+    def _settle(self, passed: int, left: int) -> bool:
+        """The bookkeeping of one pass of the Passer (``passed`` went, ``left`` did not);
+        True if what is left may be tried again now."""
+        passer = self._passer
+        assert passer is not None
+        targets = self.targets
+        if passer.any_skipped or (passer.looked and self.reclaim_after):
+            self._after_look(targets)
+        if passed:
+            self.outstanding += passed
+            self._credit_sent(targets, passed)
+        status = passer.status
+        if status == _fdpass.PASSED:
+            # All that had room went; if the in-flight budget ran out, the next try stops accepting.
+            return bool(left) and self.outstanding >= self.budget
+        if status == _fdpass.OUT_OF_CREDIT:
+            self.rebuild_targets()
+            return bool(passed) or self.targets != targets  # nothing moved, nothing changed: never spin
+        worker = targets[passer.slot]
+        if status == _fdpass.CHANNEL_FULL:
+            self._backpressure(worker)
+            return True
+        if passer.error == errno.ETOOMANYREFS:
+            self._inflight_full(OSError(passer.error, os.strerror(passer.error)))
+            return False
+        self.channel_broken(worker, f"cannot pass connections: {os.strerror(passer.error)}")
+        return True
+
+    def _credit_sent(self, targets: list[WorkerHandle], passed: int) -> None:
+        """What the Passer sent, on each worker's own counters."""
+        passer = self._passer
+        assert passer is not None
+        now = time.monotonic() if self.reclaim_after and len(targets) > 1 else 0.0
+        slot = passer.given_slot
+        if slot >= 0:  # the usual case: one worker got the whole batch
+            self._sent_to(targets[slot], passed, now)
+            return
+        for slot, worker in enumerate(targets):
+            given = passer.given(slot)
+            if given:
+                self._sent_to(worker, given, now)
+
+    def _sent_to(self, worker: WorkerHandle, count: int, now: float) -> None:
+        """``count`` more went to ``worker``: watched for reading (``now``: 0 when not), and
+        noted once it reaches its ``max_requests``."""
+        worker.sent += count
+        if now and not worker.unread_since:
+            self._watch_unread(worker, now)
+        if worker.request_limit and worker.sent >= worker.request_limit:
+            worker.request_limit = 0  # noted once; recycled on the next tick
+            self.over_limit.append(worker)
+
+    def _after_look(self, targets: list[WorkerHandle]) -> None:
+        """What the Passer saw in the channels: skips counted, readers watched afresh."""
+        passer = self._passer
+        assert passer is not None
+        for slot, worker in enumerate(targets):
+            if passer.skipped(slot):
+                worker.skipped_busy += 1
+                self.counters.skipped_busy += 1
+            elif not passer.unread(slot):
+                worker.unread_since = 0.0  # read everything: what it gets next is watched afresh
 
     def _dispatch_each(self, buf: array.array[int], start: int, count: int) -> tuple[int, int]:
         """The per-connection path: the policy sees each client's address."""
@@ -321,7 +420,22 @@ class Dispatcher:
                 targets.append(w)
         targets.sort(key=lambda w: w.worker_id)
         self.targets = targets
+        if self._passer is not None:
+            self._load_passer()
         self.update_accepting()
+
+    def _load_passer(self) -> None:
+        """The targets into the Passer's arrays (slot i is targets[i]), after any change."""
+        passer = self._passer
+        assert passer is not None
+        for worker in self.workers.values():
+            worker.slot = -1
+        for slot, worker in enumerate(self.targets):
+            worker.slot = slot
+        targets = self.targets
+        passer.set_targets([w.fd for w in targets], [w.sent - w.done for w in targets],
+                           [w.capacity for w in targets], [w.max_batch for w in targets],
+                           [w.progress for w in targets])
 
     def on_done(self, worker: WorkerHandle, count: int) -> None:
         """Credits come back; never more than were sent (a lying worker skews nothing)."""
@@ -332,6 +446,8 @@ class Dispatcher:
         self.outstanding -= count
         self._progress += 1
         worker.progress = self._progress
+        if self._passer is not None:
+            self._passer.done(worker.slot, count, self._progress)
         if worker.out_of_credit:
             self.rebuild_targets()
         elif not self.accepting:
@@ -428,6 +544,7 @@ class Dispatcher:
 
     def worker_exited(self, worker: WorkerHandle) -> int:
         """A worker is gone: what it handled died with it, what it never read comes back."""
+        worker.slot = -1
         self.outstanding -= worker.sent - worker.done
         salvaged, _lost = self.take_back(worker)  # lost ones died with it, like its others
         self.counters.salvaged += salvaged

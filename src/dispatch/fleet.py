@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from dispatch import protocol, supervisor
+from dispatch import _fdpass, protocol, supervisor
 from dispatch.config import Config
 from dispatch.counters import Counters
 from dispatch.dispatcher import Dispatcher
@@ -139,15 +139,16 @@ class Fleet:
             return
         now = time.monotonic()
         done = 0  # Done counts of this pass, credited once at its end
-        recv = worker.channel.recv
+        recv = _fdpass.recv_message
+        fd = worker.fd
         done_count = protocol.done_count
         try:
             for _ in range(MESSAGES_PER_PASS):  # the rest waits for the next pass (level-triggered)
                 try:
-                    data = recv(64)
-                except OSError:  # EAGAIN: all read; anything else: the pidfd will tell
+                    data = recv(fd)
+                except OSError:  # the pidfd will tell
                     return
-                if not data:
+                if not data:  # None: all read; b"": end of stream
                     return
                 count = done_count(data)
                 if count is not None:

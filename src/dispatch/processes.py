@@ -29,7 +29,7 @@ class WorkerHandle:
         "worker_id", "pid", "pidfd", "channel", "worker_end", "fd", "life", "sent", "done",
         "full", "drain_unsent", "report", "started_at", "request_limit", "capacity",
         "max_batch", "out_of_credit", "skipped_busy", "reclaimed", "taken_back", "unread_since", "unread_seen",
-        "progress",
+        "progress", "slot",
     )
 
     def __init__(self, worker_id: int, pid: int, pidfd: int, channel: socket.socket,
@@ -57,6 +57,7 @@ class WorkerHandle:
         self.unread_since = 0.0  # since when its channel holds messages it has not read; 0: none
         self.unread_seen = 0  # its unread bytes when the dispatcher last looked
         self.progress = 0  # the dispatcher's stamp of its last Done: higher is more recent
+        self.slot = -1  # its place among the dispatcher's targets (-1: not a target)
 
     @property
     def state(self) -> Phase:

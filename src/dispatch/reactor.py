@@ -27,6 +27,9 @@ OUT = select.EPOLLOUT
 ERR = select.EPOLLERR | select.EPOLLHUP
 
 Callback = Callable[[int], None]
+#: Events taken from one epoll_wait (the rest come on the next): a small buffer per poll
+#: instead of select.epoll's default of 1,023 entries.
+_MAX_EVENTS = 64
 
 
 class Reactor:
@@ -80,7 +83,7 @@ class Reactor:
         callback that raises is logged and the loop goes on: a bug in one handler must
         not take every worker down with it."""
         callbacks = self._callbacks
-        for fd, events in self._epoll.poll(timeout):
+        for fd, events in self._epoll.poll(timeout, _MAX_EVENTS):
             callback = callbacks.get(fd)
             if callback is not None:
                 try:
