@@ -264,6 +264,27 @@ def test_every_accept_error_backs_off_longer_each_time(harness: Any) -> None:
     assert h.dispatcher._accept_resume_at > first and not h.dispatcher.accepting
 
 
+@pytest.mark.parametrize("balance", ["round-robin", "least-connections", Sticky()])
+def test_an_accept_that_works_starts_the_backoff_over(harness: Any, balance: Any) -> None:
+    h = harness(balance=balance)
+    a = h.worker(0)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        h.dispatcher.add_listener(listener)
+        h.dispatcher._accept_failed(OSError(errno.EMFILE, "full"))
+        h.dispatcher._accept_resume_at = 0.0
+        h.dispatcher.update_accepting()
+        with socket.create_connection(listener.getsockname()):
+            deadline = time.monotonic() + 5
+            while not h.received(a):  # the acceptor takes it and passes it on
+                assert time.monotonic() < deadline
+                h.reactor.poll(0.05)
+        before = time.monotonic()
+        h.dispatcher._accept_failed(OSError(errno.EMFILE, "full"))
+        # The first delay again, not the second: the failures in a row ended with that accept.
+        assert h.dispatcher._accept_resume_at - before < dispatcher_module.ACCEPT_BACKOFF[0] * 1.5
+
+
 def test_an_exit_not_yet_reapable_is_not_taken_for_exit_code_0(harness: Any) -> None:
     h = harness()
     child = subprocess.Popen(["sleep", "30"])

@@ -96,27 +96,28 @@ class Dispatcher:
         buf = self._accept_buf
 
         def on_listener_readable(events: int) -> None:
-            passer = self._passer
             room = self.budget - self.outstanding
+            # Our own policies, with somewhere to pass to: accept and pass in one call to C.
+            passer = self._passer if self.targets and room > 0 else None
             try:
-                if passer is not None and self.targets and room > 0:
-                    # Our own policies: accept and pass in one call to C.
+                if passer is not None:
                     count = passer.accept_and_pass(listen_fd, self._accept_limit, room, self.skip_busy)
-                    passed = passer.passed
-                    if count and not self._settle(passed, count - passed):
-                        self._keep(buf, passed, count - passed)
-                        return
-                    left_at, left = passed, count - passed
                 else:
                     count = accept_batch(listen_fd, buf, self._accept_limit)
-                    left_at, left = 0, count
             except OSError as exc:
                 self._accept_failed(exc)
                 return
             self._accept_failures = 0
-            if left:
-                self._keep(buf, *self.dispatch(buf, left_at, left))
-
+            if not count:
+                return
+            if passer is not None:
+                left_at = passer.passed
+                if not self._settle(left_at, count - left_at):
+                    self._keep(buf, left_at, count - left_at)
+                    return
+            else:
+                left_at = 0
+            self._keep(buf, *self.dispatch(buf, left_at, count - left_at))
 
         return on_listener_readable
 
