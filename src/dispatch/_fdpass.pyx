@@ -338,8 +338,7 @@ cdef class Passer:
     cdef long long *max_batch
     cdef long long *progress  # stamp of its last Done: higher is more recent
     cdef long long *given_
-    cdef char *skipped_
-    cdef char *unread_
+    cdef char *unread_  # had unread messages when the last pass looked
     cdef Py_ssize_t *cand
     cdef long long *share
     cdef Py_ssize_t *order
@@ -381,7 +380,6 @@ cdef class Passer:
         free(self.max_batch)
         free(self.progress)
         free(self.given_)
-        free(self.skipped_)
         free(self.unread_)
         free(self.cand)
         free(self.share)
@@ -394,7 +392,6 @@ cdef class Passer:
         self.max_batch = <long long *>_resized(self.max_batch, size * sizeof(long long))
         self.progress = <long long *>_resized(self.progress, size * sizeof(long long))
         self.given_ = <long long *>_resized(self.given_, size * sizeof(long long))
-        self.skipped_ = <char *>_resized(self.skipped_, size * sizeof(char))
         self.unread_ = <char *>_resized(self.unread_, size * sizeof(char))
         self.cand = <Py_ssize_t *>_resized(self.cand, size * sizeof(Py_ssize_t))
         self.share = <long long *>_resized(self.share, size * sizeof(long long))
@@ -415,7 +412,6 @@ cdef class Passer:
             self.max_batch[i] = max(1, min(<long long>max_batches[i], _SCM_MAX_FD))
             self.progress[i] = progress[i]
             self.given_[i] = 0
-            self.skipped_[i] = 0
             self.unread_[i] = 0
         self.n = n
 
@@ -451,8 +447,9 @@ cdef class Passer:
         return bool(self.unread_[slot]) if 0 <= slot < self.n else False
 
     def skipped(self, Py_ssize_t slot):
-        """True if the last ``pass_batch`` passed ``slot`` over: it had not read what it had."""
-        return bool(self.skipped_[slot]) if 0 <= slot < self.n else False
+        """True if the last pass passed ``slot`` over: it had not read what it had while
+        another target had (``any_skipped``)."""
+        return self.any_skipped and self.unread(slot)
 
     def accept_and_pass(self, int listen_fd, Py_ssize_t limit, Py_ssize_t room, bint skip_busy):
         """Accept up to ``limit`` connections into the accept buffer, as ``accept_batch``
@@ -463,9 +460,8 @@ cdef class Passer:
         cdef Py_ssize_t n = 0
         cdef int err = 0
         cdef int *fds = &self.accepted_[0]
-        self.passed = 0
-        self._reset()
         cdef Py_ssize_t passed = 0
+        self._reset()
         if cap > 0:
             with nogil:  # accepting and passing, all in one go without the GIL
                 n = _accept_into(listen_fd, fds, cap, &err)
@@ -500,7 +496,6 @@ cdef class Passer:
         self.looked = False
         for i in range(self.n):
             self.given_[i] = 0
-            self.skipped_[i] = 0
             self.unread_[i] = 0
 
     cdef Py_ssize_t _pass(self, int *fds, Py_ssize_t count, bint skip_busy) noexcept nogil:
@@ -512,6 +507,7 @@ cdef class Passer:
         if n == 0 or count == 0:
             return 0
         # Who is reading: a worker with unread messages while another has none is passed over.
+        # When every target is behind, that is load, not one blocked loop: all stay candidates.
         if skip_busy and n > 1:
             self.looked = True
             for i in range(n):
@@ -519,19 +515,12 @@ cdef class Passer:
                 if ioctl(self.fd[i], SIOCOUTQ, &queued) != 0:
                     queued = 0  # cannot tell: a reader; a broken channel shows on send
                 if queued > 0:
-                    self.skipped_[i] = 1
                     self.unread_[i] = 1
                 else:
                     self.cand[m] = i
                     m += 1
-            if m == 0 or m == n:
-                for i in range(n):
-                    self.skipped_[i] = 0
-                    self.cand[i] = i
-                m = n
-            else:
-                self.any_skipped = True
-        else:
+            self.any_skipped = 0 < m < n
+        if not self.any_skipped:
             for i in range(n):
                 self.cand[i] = i
             m = n

@@ -55,8 +55,6 @@ class LeastConnections:
     """
 
     needs_loads = True
-    #: ``assign`` also takes ``recent``: the dispatcher's progress stamps.
-    weighs_progress = True
 
     def __init__(self) -> None:
         self._cursor = 0
@@ -168,8 +166,6 @@ class GuardedPolicy:
     def __init__(self, policy: Policy | ConnectionPolicy, on_error: Callable[[str], None]) -> None:
         self.policy = policy
         self.needs_loads = bool(policy.needs_loads)
-        # Ours only: a user's assign() keeps the documented three arguments.
-        self.weighs_progress = type(policy) is LeastConnections
         # Policies that look at each client address take the slower, per-connection path.
         self.per_connection = isinstance(policy, ConnectionPolicy) and not isinstance(policy, Policy)
         self._fallback = RoundRobin()
@@ -180,9 +176,7 @@ class GuardedPolicy:
             self.assign = getattr(policy, "assign", self.assign)  # type: ignore[method-assign]
             self.choose = getattr(policy, "choose", self.choose)  # type: ignore[method-assign]
 
-    def assign(self, count: int, loads: Sequence[int], workers: int,
-               recent: Sequence[int] = ()) -> list[int]:
-        """The policy's split; ``recent`` (progress stamps) reaches only ours."""
+    def assign(self, count: int, loads: Sequence[int], workers: int) -> list[int]:
         try:
             shares = self.policy.assign(count, loads, workers)  # type: ignore[union-attr]
         except Exception as exc:

@@ -221,10 +221,7 @@ class Dispatcher:
                 targets = self._reading(targets)
             batch = count if count <= room else room
             loads = [w.sent - w.done for w in targets] if self.policy.needs_loads else ()
-            if self.policy.weighs_progress:
-                shares = self.policy.assign(batch, loads, len(targets), [w.progress for w in targets])
-            else:
-                shares = self.policy.assign(batch, loads, len(targets))
+            shares = self.policy.assign(batch, loads, len(targets))
             credit_spent = False
             for worker, share in zip(targets, shares, strict=True):
                 if worker.capacity:
