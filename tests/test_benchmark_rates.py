@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from benchmarks.measurement.h2load import RATE_TOLERANCE, rate_plan
+from benchmarks.measurement.h2load import DRIFT_TOLERANCE, RATE_TOLERANCE, rate_plan
 
 
 @pytest.mark.parametrize("rate", [18, 25, 60, 199, 597, 602, 607, 825, 1190, 1218, 1781, 1824, 3000])
@@ -19,3 +21,17 @@ def test_the_plan_is_close_to_the_rate_with_a_short_period(rate: float) -> None:
 def test_a_rate_must_be_positive() -> None:
     with pytest.raises(ValueError):
         rate_plan(0)
+
+
+@pytest.mark.parametrize("rate", [18, 25, 33, 60, 199, 825, 1100])
+@pytest.mark.parametrize("other_period", [1, 5, 9, 10, 40])
+def test_a_second_generator_drifts_against_the_first(rate: float, other_period: int) -> None:
+    count, period_ms = rate_plan(rate, drift_against=other_period)
+    assert math.gcd(period_ms, other_period) == 1, (count, period_ms)
+    assert abs(count * 1000 / period_ms - rate) / rate <= DRIFT_TOLERANCE
+
+
+def test_the_scenario_s_slow_requests_come_one_at_a_time_at_every_phase() -> None:
+    # 800/s fast as 4 every 5 ms; 25/s slow: one every 39 ms, not 40 (always the same phase).
+    assert rate_plan(800) == (4, 5)
+    assert rate_plan(25, drift_against=5) == (1, 39)

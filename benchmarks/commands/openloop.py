@@ -88,7 +88,8 @@ def parse_target(name: str) -> Target:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                    help="comma-separated: MODE (async handler), MODE/plain (threads=1), MODE:push "
-                        "(--no-skip-busy), MODE:keep (--reclaim-after 0), MODE:reclaim=SECONDS, MODE:one=N, or a peer among {','.join(PEERS)} (default: %(default)s)")
+                        "(--no-skip-busy), MODE:keep (--reclaim-after 0), MODE:reclaim=SECONDS, "
+                        f"MODE:one=N, or a peer among {','.join(PEERS)} (default: %(default)s)")
     p.add_argument("--mixes", default="burn,slow", help=f"among {','.join(openloop.MIXES)} (default %(default)s)")
     p.add_argument("--loads", default="0.3,0.6,0.9",
                    help="offered load as fractions of each target's capacity (default %(default)s)")

@@ -71,11 +71,15 @@ def markdown(records: list[dict[str, Any]], capacities: dict[tuple[str, str], fl
         f"- command: `{args.invocation}`",
         f"- {args.rounds} round(s) × {args.duration:g} s per run, {args.workers} workers; targets interleaved "
         "every round. Two `h2load --h1` generators make one request per new connection on a timer "
-        "(`-r`/`--rate-period`: open loop, no coordinated omission); latencies from their `--log-file`.",
+        "(`-r`/`--rate-period`: open loop, no coordinated omission); latencies from their `--log-file`. "
+        "The slow generator's period shares no factor with the fast one's (25/s: one every 39 ms next "
+        "to 4 every 5 ms), so over a run slow requests arrive at every point between two fast bursts, "
+        "not at the one the generators' start times gave.",
         "- cells: median over rounds (min–max). *fast*: the requests to `/`. CPU: µs per answered "
         "request, user / system, of the primary and of all workers together.",
         "- `MODE`: the demo app's asyncio protocol handler; `MODE/plain`: its plain handler with "
-        "`--threads 1`; `MODE:push`: with `--no-skip-busy`; `MODE:keep`: with `--reclaim-after 0`.",
+        "`--threads 1`; `MODE:push`: with `--no-skip-busy`; `MODE:keep`: with `--reclaim-after 0`; "
+        "`MODE:reclaim=S`, `MODE:one=N`: with `--reclaim-after S`, `--one-per-message-below N`.",
         "",
     ]
     for mix in args.mixes:

@@ -58,7 +58,7 @@ def measure(server: Server, mix: str, rate: float, seconds: float, logs: Path) -
     fast = h2load.start(server.port, "/", rate * (1 - share), seconds, fast_log)
     slow = None
     try:
-        slow = h2load.start(server.port, path, rate * share, seconds, slow_log)
+        slow = h2load.start(server.port, path, rate * share, seconds, slow_log, drift_against=fast.period_ms)
         limit = seconds + h2load.INACTIVITY_TIMEOUT_S + 30
         fast_result = h2load.finish(fast, limit)
         slow_result = h2load.finish(slow, limit)
