@@ -70,14 +70,16 @@ def open_fds() -> int:
 class Channel:
     """A control channel with a ChannelSource on the worker's end."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, runner: FakeRunner, pause_when_full: bool = True) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, runner: FakeRunner, pause_when_full: bool = True,
+                 one_per_pass_below: int = 0) -> None:
         self.primary, self.worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.worker.setblocking(False)
         self.runner = runner
         self.lost: list[int] = []
         self.drains: list[str] = []
         self.source = ChannelSource(loop, self.worker, runner, worker_id=0, lost=self.lost.append,
-                                    drain=self._drain, pause_when_full=pause_when_full)
+                                    drain=self._drain, pause_when_full=pause_when_full,
+                                    one_per_pass_below=one_per_pass_below)
         self.clients: list[socket.socket] = []
 
     def _drain(self, why: str) -> None:
@@ -325,3 +327,54 @@ def test_reuseport_gives_the_worker_its_own_listener_on_the_reserved_address(
         runner.close()
         source.close()
 
+
+
+def test_what_queued_while_the_loop_ran_is_taken_in_one_pass(
+    channel: Callable[..., Channel], loop: asyncio.AbstractEventLoop
+) -> None:
+    ch = channel()
+    ch.source.resume()
+    for _ in range(3):
+        ch.send_connections(1)
+    ch.source._on_readable()  # one wakeup of the loop
+    assert ch.runner.active == 3
+    assert _fdpass.recv_fds(ch.worker.fileno(), 64) is None
+
+
+def test_one_pass_takes_at_most_a_batch_and_only_what_has_room(
+    channel: Callable[..., Channel], loop: asyncio.AbstractEventLoop
+) -> None:
+    from dispatch.sources import BATCH
+
+    ch = channel()
+    ch.source.resume()
+    for _ in range(BATCH + 2):
+        ch.send_connections(1)
+    ch.source._on_readable()
+    assert ch.runner.active == BATCH  # the other two at the next pass
+    run_until(loop, lambda: ch.runner.active == BATCH + 2)
+
+    small = channel(FakeRunner(capacity=2))
+    small.source.resume()
+    for _ in range(3):
+        small.send_connections(1)
+    small.source._on_readable()
+    assert small.runner.active == 2 and small.source.paused
+    got = _fdpass.recv_fds(small.worker.fileno(), 64)  # the third waits where the primary can move it
+    assert got is not None and len(got[1]) == 1
+    os.close(got[1][0])
+
+
+def test_below_one_per_message_a_worker_takes_one_message_per_pass(
+    channel: Callable[..., Channel], loop: asyncio.AbstractEventLoop
+) -> None:
+    ch = channel(one_per_pass_below=2)
+    ch.source.resume()
+    for _ in range(3):
+        ch.send_connections(1)
+    ch.source._on_readable()
+    assert ch.runner.active == 1  # held fewer than 2: one message, the rest stay movable
+    ch.source._on_readable()
+    assert ch.runner.active == 2
+    ch.source._on_readable()
+    assert ch.runner.active == 3

@@ -70,7 +70,11 @@ class ChannelSource:
         lost: Callable[[int], None],
         drain: Callable[[str], None],
         pause_when_full: bool,
+        one_per_pass_below: int = 0,
     ) -> None:
+        """``one_per_pass_below``: while the runner holds fewer connections than this, take
+        one message per pass of the loop (``one_per_message_below``: the primary sends them
+        one per message then, so the rest wait unread where they can still be moved)."""
         self.paused = True
         self.closed = False
         self.dropped = 0  # descriptors lost in transit
@@ -78,10 +82,12 @@ class ChannelSource:
         self._fd = channel.fileno()
         self._start = runner.start
         self._room = runner.room
+        self._runner = runner
         self._worker_id = worker_id
         self._lost = lost
         self._drain = drain
         self._pause_when_full = pause_when_full
+        self._one_per_pass_below = one_per_pass_below
 
     def resume(self) -> None:
         if not self.closed:
@@ -99,29 +105,39 @@ class ChannelSource:
         self.closed = True
 
     def _on_readable(self) -> None:
-        # One message per pass of the loop: the connections it carries start, and the
-        # loop runs them before the next message is taken. A handler that blocks the
-        # loop then traps one message's connections, not the channel's; the rest stay
-        # unread, where the primary sees them (skip_busy) and can take them back.
-        if self._pause_when_full and self._room() <= 0:
-            # Full since the last message (a plain handler's only thread took a request that
-            # arrived later): what waits could not start here, so it stays where it can move.
-            self.pause()
-            return
-        got = _fdpass.recv_fds(self._fd, BATCH)
-        if got is None:
-            return
-        data, fds, flags = got
-        if not data:
-            self._drain("the primary closed the channel")
-            return
+        # What queued while the loop ran is taken in one pass, as a listener's backlog is in
+        # one accept batch: a pass of the loop per message cost the worker more than the
+        # connections themselves at saturation (one wakeup per one or two descriptors). At
+        # most BATCH descriptors and messages per pass, never more than the runner has room for: what
+        # cannot start now stays unread, where the primary sees it (skip_busy) and can take
+        # it back.
+        taken = messages = 0
+        most = 1 if self._runner.active < self._one_per_pass_below else BATCH
+        while taken < BATCH and messages < most and not self.closed:
+            if self._pause_when_full and self._room() <= 0:
+                # Full since the last message (a plain handler's only thread took a request that
+                # arrived later): what waits could not start here, so it stays where it can move.
+                self.pause()
+                return
+            got = _fdpass.recv_fds(self._fd, BATCH)
+            if got is None:
+                return
+            data, fds, flags = got
+            if not data:
+                self._drain("the primary closed the channel")
+                return
+            messages += 1
+            taken += self._take(data, fds, flags)
+
+    def _take(self, data: bytes, fds: list[int], flags: int) -> int:
+        """One message from the primary; how many descriptors went to the runner."""
         try:
             message = protocol.decode_from(data, protocol.TO_WORKER)
         except protocol.ProtocolError as exc:
             for fd in fds:
                 os.close(fd)
             log.error("worker %d: bad message from the primary: %s", self._worker_id, exc)
-            return
+            return 0
         if isinstance(message, protocol.Fds):
             if flags & _fdpass.CTRUNC or len(fds) != message.count:
                 lost = message.count - len(fds)
@@ -130,11 +146,10 @@ class ChannelSource:
                 self._lost(lost)
             for fd in fds:
                 self._start(fd)
-            # The rest waits in the channel, where the primary can take it back.
-            if self._pause_when_full and self._room() <= 0:
-                self.pause()
-        elif isinstance(message, protocol.Drain):
+            return len(fds)
+        if isinstance(message, protocol.Drain):
             self._drain("asked by the primary")
+        return 0
 
 
 class ListenerSource:

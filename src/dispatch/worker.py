@@ -131,7 +131,8 @@ class Worker:
             return EXIT_BOOT_ERROR
         self.channel.setblocking(False)
         channel = ChannelSource(loop, self.channel, self.runner, worker_id=self.worker_id, lost=self._lost,
-                                drain=self.begin_drain, pause_when_full=self.user_space)
+                                drain=self.begin_drain, pause_when_full=self.user_space,
+                                one_per_pass_below=self.config.one_per_message_below if self.user_space else 0)
         if self.user_space:
             self.source = channel
         else:
