@@ -30,8 +30,8 @@ def markdown(rows: list[Row], args: argparse.Namespace, took: float, commit: tup
         f"- date: {args.date}; took {took:.0f} s",
         f"- machine: Linux {platform.release()}, {len(os.sched_getaffinity(0))} CPUs ({cpu}), "
         f"Python {platform.python_version()}",
-        f"- dispatch source: commit {commit[0]} at the start, {commit[1]} at the end "
-        "(`+dirty`: src/ had uncommitted changes)",
+        f"- dispatch source: commit {commit[0]} at the start, {commit[1]} at the end"
+        + (" (`+dirty`: src/ had uncommitted changes)" if any("+dirty" in c for c in commit) else ""),
         "- each attack starts its own server on 127.0.0.1 (a free port, `--log-level info`, "
         f"graceful timeout {GRACEFUL} s); during = requests (one per connection, 2 client threads, "
         f"{REQUEST_TIMEOUT:g} s timeout) sent while the attack runs, after = the same in the "
