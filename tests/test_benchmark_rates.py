@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from benchmarks.measurement.h2load import DRIFT_TOLERANCE, RATE_TOLERANCE, rate_plan
+from benchmarks.measurement.h2load import DRIFT_TOLERANCE, RATE_TOLERANCE, late_after, rate_plan
 
 
 @pytest.mark.parametrize("rate", [18, 25, 60, 199, 597, 602, 607, 825, 1190, 1218, 1781, 1824, 3000])
@@ -35,3 +35,13 @@ def test_the_scenario_s_slow_requests_come_one_at_a_time_at_every_phase() -> Non
     # 800/s fast as 4 every 5 ms; 25/s slow: one every 39 ms, not 40 (always the same phase).
     assert rate_plan(800) == (4, 5)
     assert rate_plan(25, drift_against=5) == (1, 39)
+
+
+def test_late_requests_are_told_apart_by_what_was_sent_just_before() -> None:
+    # (send time µs, latency ms): two late, one of them 1.5 ms after a slow request was sent.
+    fast = [(0, 0.3), (1_000, 5.0), (10_000, 0.4), (21_500, 4.0)]
+    assert late_after(fast, [20_000], late_ms=2, window_ms=2) == (50.0, 50.0)
+    # A slow request sent after the late one explains nothing; none late: no share to give.
+    assert late_after(fast, [30_000], late_ms=2, window_ms=2) == (50.0, 0.0)
+    assert late_after([(0, 0.3)], [0], late_ms=2, window_ms=2) == (0.0, None)
+    assert late_after([], [0], late_ms=2, window_ms=2) == (None, None)

@@ -10,7 +10,7 @@ plain handler with one thread per worker, where head-of-line blocking is worst.
 ``MODE:push`` runs a mode with ``--no-skip-busy``, ``MODE:keep`` with
 ``--reclaim-after 0`` (skip_busy without taking connections back),
 ``MODE:reclaim=SECONDS`` with ``--reclaim-after SECONDS``, ``MODE:one=N``
-with ``--one-per-message-below N``. Targets are interleaved
+with ``--one-per-message-below N``, ``MODE:nice=N`` with ``--worker-nice N``. Targets are interleaved
 within each round; cells are medians over rounds.
 
 Writes ``DIR/NAME.md``, ``NAME.json`` and ``NAME.png`` (``--name``, default openloop).
@@ -75,11 +75,13 @@ def parse_target(name: str) -> Target:
         args: tuple[str, ...] = ("--reclaim-after", variant.removeprefix("reclaim="))
     elif kind in ("", "plain") and variant.startswith("one="):
         args = ("--one-per-message-below", variant.removeprefix("one="))
+    elif kind in ("", "plain") and variant.startswith("nice="):
+        args = ("--worker-nice", variant.removeprefix("nice="))
     elif kind in ("", "plain") and variant in VARIANTS:
         args = VARIANTS[variant]
     else:
         raise ValueError(f"unknown target {name!r}: MODE or MODE/plain, then nothing, :push, :keep "
-                         ":reclaim=SECONDS or :one=N")
+                         ":reclaim=SECONDS, :one=N or :nice=N")
     if kind == "plain":
         return Target(name, mode, "dispatch.demo:sync_app", ("--threads", "1", *args))
     return Target(name, mode, args=args)
@@ -89,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                    help="comma-separated: MODE (async handler), MODE/plain (threads=1), MODE:push "
                         "(--no-skip-busy), MODE:keep (--reclaim-after 0), MODE:reclaim=SECONDS, "
-                        f"MODE:one=N, or a peer among {','.join(PEERS)} (default: %(default)s)")
+                        f"MODE:one=N, MODE:nice=N (--worker-nice N), or a peer among {','.join(PEERS)} (default: %(default)s)")
     p.add_argument("--mixes", default="burn,slow", help=f"among {','.join(openloop.MIXES)} (default %(default)s)")
     p.add_argument("--loads", default="0.3,0.6,0.9",
                    help="offered load as fractions of each target's capacity (default %(default)s)")

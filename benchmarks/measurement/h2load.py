@@ -9,6 +9,7 @@ one request. Latencies come from its per-request log (``--log-file``).
 
 from __future__ import annotations
 
+import bisect
 import math
 import shlex
 import subprocess
@@ -90,6 +91,7 @@ def finish(run: H2load, timeout: float) -> dict[str, object]:
         run.proc.communicate(timeout=5)
         raise RuntimeError(f"h2load did not finish in {timeout:g}s: {shlex.join(run.cmd)}") from None
     latencies: list[float] = []
+    sent: list[tuple[int, float]] = []  # (send time µs since the epoch, latency ms), 2xx only
     bad_status = 0
     try:
         text = run.log_file.read_text()
@@ -101,9 +103,10 @@ def finish(run: H2load, timeout: float) -> dict[str, object]:
             continue
         if fields[1].startswith("2"):
             latencies.append(int(fields[2]) / 1000)
+            sent.append((int(fields[0]), latencies[-1]))
         else:
             bad_status += 1
-    return {"latencies_ms": latencies, "planned": run.planned, "per_second": run.per_second,
+    return {"latencies_ms": latencies, "sent": sent, "planned": run.planned, "per_second": run.per_second,
             "answered": len(latencies),
             "failed": run.planned - len(latencies), "bad_status": bad_status,
             "command": shlex.join(run.cmd), "exit": run.proc.returncode, "summary": _summary(out)}
@@ -123,6 +126,25 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
         return None
     rank = max(1, -(-len(sorted_values) * q // 100))
     return sorted_values[int(rank) - 1]
+
+
+def late_after(requests: list[tuple[int, float]], others_sent: list[int], late_ms: float,
+               window_ms: float) -> tuple[float | None, float | None]:
+    """Of ``requests`` ((send time µs, latency ms) pairs), the % slower than ``late_ms``,
+    and the % of those sent within ``window_ms`` after one of ``others_sent`` (send times,
+    µs): how much of a tail the other generator's requests explain."""
+    if not requests:
+        return None, None
+    others = sorted(others_sent)
+    late = [start for start, ms in requests if ms > late_ms]
+    if not late:
+        return 0.0, None
+    near = 0
+    for start in late:
+        i = bisect.bisect_right(others, start) - 1
+        if i >= 0 and start - others[i] <= window_ms * 1000:
+            near += 1
+    return 100 * len(late) / len(requests), 100 * near / len(late)
 
 
 def _summary(out: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.measurement.stats import summarize
-from benchmarks.workloads.openloop import MIXES
+from benchmarks.workloads.openloop import AFTER_SLOW_MS, LATE_MS, MIXES
 
 MIX_TEXT = {
     "burn": "3% of requests (25 of every 825) burn 30 ms of CPU in the handler",
@@ -31,7 +31,8 @@ def summary(records: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
     for rec in records:
         if "error" not in rec:
             groups[(rec["name"], rec["mix"], _level(rec))].append(rec)
-    fields = ["offered_per_s", "answered_per_s", "fast_p50_ms", "fast_p90_ms", "fast_p99_ms", "slow_p99_ms",
+    fields = ["offered_per_s", "answered_per_s", "fast_p50_ms", "fast_p90_ms", "fast_p99_ms", "fast_late_pct",
+              "late_after_slow_pct", "slow_p99_ms",
               "failed", "primary_user_us", "primary_sys_us", "workers_user_us", "workers_sys_us"]
     out: dict[Key, dict[str, Any]] = {}
     for key, recs in groups.items():
@@ -77,9 +78,13 @@ def markdown(records: list[dict[str, Any]], capacities: dict[tuple[str, str], fl
         "not at the one the generators' start times gave.",
         "- cells: median over rounds (min–max). *fast*: the requests to `/`. CPU: µs per answered "
         "request, user / system, of the primary and of all workers together.",
+        f"- *fast late %*: the fast requests slower than {LATE_MS:g} ms; *late after slow %*: how many of "
+        f"those were sent within {AFTER_SLOW_MS:g} ms after a slow request was (the tail that the slow "
+        "requests' arrival explains, e.g. connections given to a worker just before its loop blocked).",
         "- `MODE`: the demo app's asyncio protocol handler; `MODE/plain`: its plain handler with "
         "`--threads 1`; `MODE:push`: with `--no-skip-busy`; `MODE:keep`: with `--reclaim-after 0`; "
-        "`MODE:reclaim=S`, `MODE:one=N`: with `--reclaim-after S`, `--one-per-message-below N`.",
+        "`MODE:reclaim=S`, `MODE:one=N`, `MODE:nice=N`: with `--reclaim-after S`, "
+        "`--one-per-message-below N`, `--worker-nice N`.",
         "",
     ]
     for mix in args.mixes:
@@ -93,8 +98,9 @@ def markdown(records: list[dict[str, Any]], capacities: dict[tuple[str, str], fl
             lines.append("")
         levels = sorted({key[2] for key in table if key[1] == mix})
         lines += ["| load | target | offered/s | answered/s | fast p50 ms | fast p90 ms | fast p99 ms | "
-                  "slow p99 ms | failed | primary CPU µs user / sys | workers CPU µs user / sys |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "fast late % | late after slow % | slow p99 ms | failed | primary CPU µs user / sys | "
+                  "workers CPU µs user / sys |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for level in levels:
             label = f"{level:.0%}" if args.loads else f"{level:,.0f}/s"
             for name in names:
@@ -104,6 +110,7 @@ def markdown(records: list[dict[str, Any]], capacities: dict[tuple[str, str], fl
                 lines.append(
                     f"| {label} | {name} | {_cell(row['offered_per_s'], 0)} | {_cell(row['answered_per_s'], 0)} | "
                     f"{_cell(row['fast_p50_ms'], 2)} | {_cell(row['fast_p90_ms'], 2)} | {_cell(row['fast_p99_ms'], 2)} | "
+                    f"{_cell(row.get('fast_late_pct'), 1)} | {_cell(row.get('late_after_slow_pct'), 0)} | "
                     f"{_cell(row['slow_p99_ms'], 1)} | {_cell(row['failed'], 0)} | {_cpu(row, 'primary')} | "
                     f"{_cpu(row, 'workers')} |")
         lines += ["", *_ratios(table, mix, levels, names, args), ""]

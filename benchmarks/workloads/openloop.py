@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from benchmarks.measurement import h2load
 from benchmarks.measurement.proc import CLK_TCK, cpu_split
@@ -26,6 +26,10 @@ MIXES: dict[str, tuple[str, float]] = {
     "slow": ("/slow?ms=50", 0.10),
 }
 CAPACITY_CONNECTIONS = 64  # wrk -c for the closed-loop capacity probe
+# A fast request slower than LATE_MS is late; the report says how many of the late ones were
+# sent within AFTER_SLOW_MS of a slow request (caught by what that request did to a worker).
+LATE_MS = 2.0
+AFTER_SLOW_MS = 2.0
 
 
 def capacity(server: Server, mix: str, seconds: int) -> float:
@@ -75,6 +79,9 @@ def measure(server: Server, mix: str, rate: float, seconds: float, logs: Path) -
 
     fast_ms = sorted(fast_result["latencies_ms"])  # type: ignore[type-var]
     slow_ms = sorted(slow_result["latencies_ms"])  # type: ignore[type-var]
+    slow_sent = cast("list[tuple[int, float]]", slow_result["sent"])
+    late, late_after_slow = h2load.late_after(cast("list[tuple[int, float]]", fast_result["sent"]),
+                                              [start for start, _ in slow_sent], LATE_MS, AFTER_SLOW_MS)
     return {
         "target": server.target,
         "mix": mix,
@@ -84,6 +91,8 @@ def measure(server: Server, mix: str, rate: float, seconds: float, logs: Path) -
         "fast_p90_ms": h2load.percentile(fast_ms, 90),
         "fast_p99_ms": h2load.percentile(fast_ms, 99),
         "fast_max_ms": fast_ms[-1] if fast_ms else None,
+        "fast_late_pct": late,
+        "late_after_slow_pct": late_after_slow,
         "slow_p50_ms": h2load.percentile(slow_ms, 50),
         "slow_p99_ms": h2load.percentile(slow_ms, 99),
         "failed": int(fast_result["failed"]) + int(slow_result["failed"]),  # type: ignore[call-overload]

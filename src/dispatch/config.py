@@ -68,6 +68,7 @@ class Config:
     skip_busy: bool = default("skip_busy")
     reclaim_after: float = default("reclaim_after")
     one_per_message_below: int = default("one_per_message_below")
+    worker_nice: int = default("worker_nice")
     ssl: _ssl.SSLContext | None = default("ssl")
     user: str | int | None = default("user")
     group: str | int | None = default("group")

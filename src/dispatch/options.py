@@ -306,6 +306,15 @@ OPTIONS: tuple[Option, ...] = (
            "saturation (Benchmarks, below); 0: whole batches",
            cli={"type": int, "metavar": "N"}, shown_default="0 (off)",
            cli_help="a worker holding fewer than N connections gets them one per message (0: off)"),
+    Option("worker_nice", 0, _int(0, 19),
+           "workers lower their own scheduling priority by this much (`nice`) when they start, so "
+           "that when every core is busy the primary, which every new connection passes through, "
+           "gets a CPU before them (as nginx's `worker_priority`). Lowers the tail latency of "
+           "least-connections next to CPU-bound requests on a machine the server has to itself "
+           "(Benchmarks, below); on a shared machine the workers also yield to every other program "
+           "running at the default priority. Needs no privilege; 0: unchanged",
+           cli={"type": int, "metavar": "N"}, shown_default="0 (unchanged)",
+           cli_help="workers run this much nicer than the primary (0-19; 0: unchanged)"),
     Option("ssl", None, _ssl,
            "an `ssl.SSLContext`; the TLS handshake runs in the worker, never in the primary "
            "(CLI: `--certfile`, `--keyfile`)",
@@ -402,6 +411,7 @@ class Options(TypedDict, total=False):
     skip_busy: bool
     reclaim_after: float
     one_per_message_below: int
+    worker_nice: int
     ssl: SSLContext | None
     user: str | int | None
     group: str | int | None

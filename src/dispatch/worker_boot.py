@@ -54,6 +54,7 @@ def worker_main(
         primary = primary_pid(channel)
         _reset_process(worker_id, inherited_fds, primary)
         _drop_privileges(config, primary)
+        _lower_priority(worker_id, config.worker_nice)
         if config.on_worker_start is not None:
             config.on_worker_start(worker_id)
         try:
@@ -101,6 +102,18 @@ def _reset_process(worker_id: int, inherited_fds: list[int], primary: int) -> No
         pass
     else:
         setproctitle(f"dispatch: worker {worker_id}")
+
+
+def _lower_priority(worker_id: int, increment: int) -> None:
+    """``worker_nice``: yield the CPU to the primary when every core is busy. Raising one's
+    own nice value needs no privilege; a failure is logged and the worker serves anyway."""
+    if not increment:
+        return
+    try:
+        os.nice(increment)
+    except OSError as exc:
+        log.warning("worker %d (pid %d) cannot lower its priority by %d: %s", worker_id, os.getpid(),
+                    increment, exc)
 
 
 def _tag_log_records(worker_id: int) -> None:
