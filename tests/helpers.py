@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,6 +190,10 @@ class ServerProcess:
     ``tests/apps.py`` write to.
     """
 
+    #: Every server started in this test session: tests/conftest.py removes their files
+    #: when the whole session passed (servers not used as a context manager included).
+    created: ClassVar[list[ServerProcess]] = []
+
     def __init__(self, handler: str = "tests.apps:pid_app", *, cli: list[str] | None = None,
                  command: list[str] | None = None, env: dict[str, str] | None = None,
                  pass_fds: tuple[int, ...] = (), cwd: Path = ROOT, wrapper: list[str] | None = None,
@@ -207,6 +211,7 @@ class ServerProcess:
         # World-writable, and opened without O_CREAT by the writers, so workers running as
         # another user can append to it in sticky /tmp (fs.protected_regular).
         self.events_path = Path(f"/tmp/dispatch-test-{stamp}.events")
+        ServerProcess.created.append(self)
         os.close(os.open(self.events_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         os.chmod(self.events_path, 0o666)
         scripted = cli is None and command is None
@@ -406,8 +411,12 @@ class ServerProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         if exc[0] is None:
-            self.log_path.unlink(missing_ok=True)
-            self.events_path.unlink(missing_ok=True)
+            self.remove_files()
+
+    def remove_files(self) -> None:
+        """Delete the log and event files (kept when a test fails, to read them)."""
+        self.log_path.unlink(missing_ok=True)
+        self.events_path.unlink(missing_ok=True)
 
 
 TEST_USER = "dispatch-test"

@@ -1,0 +1,18 @@
+"""Session-wide test hygiene."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import ServerProcess
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A session that passed leaves no server logs in /tmp; one that failed keeps them all,
+    to read next to the failure. Only servers that have stopped are touched."""
+    if exitstatus != pytest.ExitCode.OK:
+        return
+    for server in ServerProcess.created:
+        if server.proc.poll() is not None:
+            server.remove_files()
+    ServerProcess.created.clear()
