@@ -57,41 +57,34 @@ def rate_plan(per_second: float, drift_against: int = 0) -> tuple[int, int]:
     if per_second <= 0:
         raise ValueError("the rate must be positive")
     if drift_against:
-        single = _one_at_a_time(per_second, drift_against)
-        if single:
-            return 1, single
-    tolerance = DRIFT_TOLERANCE if drift_against else RATE_TOLERANCE
+        # One at a time where a period allows it: two slow requests at once would land on both
+        # workers of a small server together (at 1,200/s, 36/s of burns next to 7 every 6 ms
+        # were planned as 2 every 55 ms, and blocked both workers at once).
+        error, _, period_ms = _search(per_second, drift_against, DRIFT_TOLERANCE, one_at_a_time=True)
+        if error <= ONE_AT_A_TIME_TOLERANCE:
+            return 1, period_ms
+    _, count, period_ms = _search(per_second, drift_against, DRIFT_TOLERANCE if drift_against else RATE_TOLERANCE)
+    return count, period_ms
+
+
+def _search(per_second: float, drift_against: int, tolerance: float,
+            one_at_a_time: bool = False) -> tuple[float, int, int]:
+    """``(error, N, P)`` for the shortest period P within ``tolerance`` (sharing no factor
+    with ``drift_against``), else for the closest; N is 1 if ``one_at_a_time`` (and P at
+    least 2 ms, as long as a rate below 1/s needs)."""
     best: tuple[float, int, int] | None = None
-    for period_ms in range(1, 1001):
+    periods = range(2, max(1001, math.ceil(1100 / per_second) + 1)) if one_at_a_time else range(1, 1001)
+    for period_ms in periods:
         if drift_against and math.gcd(period_ms, drift_against) != 1:
             continue
-        count = max(1, round(per_second * period_ms / 1000))
+        count = 1 if one_at_a_time else max(1, round(per_second * period_ms / 1000))
         error = abs(count * 1000 / period_ms - per_second) / per_second
         if error <= tolerance:
-            return count, period_ms
+            return error, count, period_ms
         if best is None or error < best[0]:
             best = (error, count, period_ms)
     assert best is not None
-    return best[1], best[2]
-
-
-def _one_at_a_time(per_second: float, drift_against: int) -> int:
-    """A period (ms) for one connection at a time that shares no factor with
-    ``drift_against``: the shortest within ``DRIFT_TOLERANCE`` of ``per_second``, else the
-    nearest if it is within ``ONE_AT_A_TIME_TOLERANCE``; 0 if there is none.
-    (At 1,200/s, 36/s of burns next to 7 every 6 ms were planned as 2 every 55 ms: pairs of
-    burns that blocked both workers at once.)"""
-    ideal = 1000 / per_second
-    candidates = [p for p in range(max(2, math.floor(ideal * 0.9)), math.ceil(ideal * 1.1) + 1)
-                  if math.gcd(p, drift_against) == 1]
-    def error(period: int) -> float:
-        return abs(1000 / period - per_second) / per_second
-
-    for period in candidates:  # the shortest within the usual tolerance, as rate_plan picks
-        if error(period) <= DRIFT_TOLERANCE:
-            return period
-    nearest = min(candidates, key=error, default=0)
-    return nearest if nearest and error(nearest) <= ONE_AT_A_TIME_TOLERANCE else 0
+    return best
 
 
 def start(port: int, path: str, per_second: float, seconds: float, log_file: Path,
@@ -116,7 +109,6 @@ def finish(run: H2load, timeout: float) -> dict[str, object]:
         run.proc.kill()
         run.proc.communicate(timeout=5)
         raise RuntimeError(f"h2load did not finish in {timeout:g}s: {shlex.join(run.cmd)}") from None
-    latencies: list[float] = []
     sent: list[tuple[int, float]] = []  # (send time µs since the epoch, latency ms), 2xx only
     bad_status = 0
     try:
@@ -128,13 +120,12 @@ def finish(run: H2load, timeout: float) -> dict[str, object]:
         if len(fields) < 3:
             continue
         if fields[1].startswith("2"):
-            latencies.append(int(fields[2]) / 1000)
-            sent.append((int(fields[0]), latencies[-1]))
+            sent.append((int(fields[0]), int(fields[2]) / 1000))
         else:
             bad_status += 1
-    return {"latencies_ms": latencies, "sent": sent, "planned": run.planned, "per_second": run.per_second,
-            "answered": len(latencies),
-            "failed": run.planned - len(latencies), "bad_status": bad_status,
+    return {"latencies_ms": [ms for _, ms in sent], "sent": sent, "planned": run.planned,
+            "per_second": run.per_second, "answered": len(sent),
+            "failed": run.planned - len(sent), "bad_status": bad_status,
             "command": shlex.join(run.cmd), "exit": run.proc.returncode, "summary": _summary(out)}
 
 
