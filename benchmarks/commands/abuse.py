@@ -3,6 +3,7 @@
     python -m benchmarks abuse                  # every attack, about 3 minutes
     python -m benchmarks abuse --only NAME      # one attack (or a comma-separated few)
     python -m benchmarks abuse --list           # the attacks, and what a sound server does
+    python -m benchmarks abuse --server-options '{"worker_nice": 19}' --out DIR  # another configuration
 
 Each attack starts its own server (a subprocess listening on 127.0.0.1 on a free
 port; no traffic goes anywhere else), sends normal requests while the attack
@@ -22,6 +23,7 @@ count and time, and every process started here is stopped by pid in a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import time
@@ -42,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", help="run only this attack (comma-separated for several); see --list")
     p.add_argument("--list", action="store_true", help="list the attacks and exit")
     p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default %(default)s)")
+    p.add_argument("--server-options", default="{}", metavar="JSON",
+                   help="dispatch options every attacked server also gets, as a JSON object, e.g. "
+                        "'{\"worker_nice\": 19}' (an attack's own options win where they overlap)")
 
 
 def finish(args: argparse.Namespace, p: argparse.ArgumentParser, invocation: str) -> None:
@@ -52,6 +57,12 @@ def finish(args: argparse.Namespace, p: argparse.ArgumentParser, invocation: str
         for name in args.names:
             if name not in ATTACKS:
                 p.error(f"unknown attack {name!r}; --list shows them")
+    try:
+        args.server_options = json.loads(args.server_options)
+    except ValueError as exc:
+        p.error(f"--server-options is not JSON: {exc}")
+    if not isinstance(args.server_options, dict):
+        p.error("--server-options must be a JSON object of dispatch options")
     args.logs = args.out / "logs"
     args.invocation = invocation
     args.date = time.strftime("%Y-%m-%d %H:%M:%S %Z")

@@ -66,7 +66,7 @@ def launch(row: Row, ctx: Context, options: dict, user: UserEnv | None = None,
            limits: list[str] = (), probe: bool = True) -> Iterator[Target | None]:
     """A ready server, or None with the reason in ``row``; stopped on the way out.
     ``probe=False``: ready from the log alone, when the first request is the attack."""
-    command, env = runner_command(options, user, list(limits))
+    command, env = runner_command({**ctx.args.server_options, **options}, user, list(limits))
     target = Target(row.attack, command, env, ctx.args.logs)
     try:
         deadline = time.monotonic() + START_DEADLINE
