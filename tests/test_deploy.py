@@ -35,6 +35,7 @@ def _write_app(directory: Path, source: str) -> None:
 @pytest.mark.parametrize("mode,signum", [
     ("round-robin", signal.SIGUSR2),
     ("least-connections", signal.SIGHUP),
+    ("pull", signal.SIGUSR2),
 ])
 def test_rolling_restart_under_load_loses_nothing(mode: str, signum: int) -> None:
     with ServerProcess(workers=2, balance=mode) as server:

@@ -24,7 +24,7 @@ from tests.helpers import (
     wait_for,
 )
 
-MODES = ["round-robin", "least-connections", "reuseport", "shared"]
+MODES = ["round-robin", "least-connections", "pull", "reuseport", "shared"]
 
 
 def _many(address: str, count: int, clients: int = 8, path: str = "/") -> list[str]:
@@ -40,11 +40,11 @@ def test_every_request_answered_in_each_mode(mode: str) -> None:
         assert len(bodies) == 400
         pids = {answering_pid(b) for b in bodies}
         assert pids <= set(server.workers())
-        if mode in ("round-robin", "least-connections"):
+        if mode in ("round-robin", "least-connections", "pull"):
             assert len(pids) == 2  # user-space modes use every worker
 
 
-@pytest.mark.parametrize("mode", ["round-robin", "shared"])
+@pytest.mark.parametrize("mode", ["round-robin", "pull", "shared"])
 def test_async_handler(mode: str) -> None:
     with ServerProcess("tests.apps:async_pid_app", balance=mode, graceful_timeout=60) as server:
         workers = server.wait_ready(2)

@@ -16,7 +16,7 @@ MIX_TEXT = {
     "slow": "10% of requests sleep 50 ms (waiting, not burning)",
 }
 # What the goals compare: dispatch's least-connections against the kernel's modes.
-OURS, KERNEL = "least-connections", ("reuseport", "shared")
+OURS, KERNEL = ("least-connections", "pull"), ("reuseport", "shared")
 
 Key = tuple[str, str, float]  # (target name, mix, level: load fraction or rate)
 
@@ -120,10 +120,11 @@ def markdown(records: list[dict[str, Any]], capacities: dict[tuple[str, str], fl
 
 def _ratios(table: dict[Key, dict[str, Any]], mix: str, levels: list[float], names: list[str],
             args: argparse.Namespace) -> list[str]:
-    """least-connections' fast p90/p99 over the kernel modes', per handler kind and level."""
+    """least-connections' and pull's fast p90/p99 over the kernel modes', per handler kind
+    and level."""
     out = []
-    for suffix in ("", "/plain"):
-        ours = OURS + suffix
+    for suffix, mode in ((s, m) for s in ("", "/plain") for m in OURS):
+        ours = mode + suffix
         if ours not in names:
             continue
         for level in levels:

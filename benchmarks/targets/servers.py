@@ -23,7 +23,7 @@ from benchmarks.measurement.probes import http_get
 from benchmarks.measurement.proc import children, start_time
 from benchmarks.paths import PEERS, ROOT
 
-DISPATCH_MODES = ["round-robin", "least-connections", "reuseport", "shared"]
+DISPATCH_MODES = ["round-robin", "least-connections", "pull", "reuseport", "shared"]
 PEER_TARGETS = ["node-rr", "node-none", "gunicorn-sync", "uvicorn", "floor-pass", "floor-close"]
 FLOORS = ("floor-pass", "floor-close")
 # target -> the module run with ``python -m``, on benchmarks.peers.python_apps (repo root on PYTHONPATH)

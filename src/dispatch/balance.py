@@ -139,9 +139,16 @@ class Sticky:
         return index
 
 
+class Pull(RoundRobin):
+    """No choice in the primary: every connection goes into one queue that all workers
+    read, and the first worker whose loop reads it takes it (the shared listener's pull,
+    with the primary still accepting). The dispatcher has one target then, the queue, so
+    round-robin over it is all there is to ``assign``."""
+
+
 #: Balance modes where the primary accepts and passes descriptors.
 USER_MODES: dict[str, type[RoundRobin] | type[LeastConnections] | type[Sticky]] = {
-    "round-robin": RoundRobin, "least-connections": LeastConnections, "sticky": Sticky,
+    "round-robin": RoundRobin, "least-connections": LeastConnections, "sticky": Sticky, "pull": Pull,
 }
 #: Balance modes where the kernel picks the worker.
 KERNEL_MODES = ("reuseport", "shared")
@@ -170,7 +177,7 @@ class GuardedPolicy:
         self.per_connection = isinstance(policy, ConnectionPolicy) and not isinstance(policy, Policy)
         self._fallback = RoundRobin()
         self._on_error = on_error
-        if type(policy) in (RoundRobin, LeastConnections, Sticky):
+        if type(policy) in (RoundRobin, LeastConnections, Sticky, Pull):
             # Ours are right by construction, and this runs once per batch on the hot path:
             # the checks are for user code.
             self.assign = getattr(policy, "assign", self.assign)  # type: ignore[method-assign]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dispatch.balance import USER_MODES, ConnectionPolicy, Policy, make_policy
+from dispatch.balance import USER_MODES, ConnectionPolicy, Policy, Pull, make_policy
 from dispatch.ctl_protocol import default_path
 from dispatch.options import (
     OPTIONS,
@@ -135,6 +135,11 @@ class Config:
     def needs_loads(self) -> bool:
         """True when the policy balances on each worker's load (completions)."""
         return self.policy is not None and bool(self.policy.needs_loads)
+
+    @property
+    def pulls(self) -> bool:
+        """True when workers take connections from one shared queue (``balance="pull"``)."""
+        return isinstance(self.policy, Pull)
 
     @property
     def user_space(self) -> bool:

@@ -24,7 +24,14 @@ import time
 from collections.abc import Callable
 
 from dispatch import _fdpass, protocol, supervisor
-from dispatch.balance import ConnectionPolicy, GuardedPolicy, LeastConnections, Policy, RoundRobin
+from dispatch.balance import (
+    ConnectionPolicy,
+    GuardedPolicy,
+    LeastConnections,
+    Policy,
+    Pull,
+    RoundRobin,
+)
 from dispatch.counters import Counters
 from dispatch.limits import descriptors_free
 from dispatch.logs import FailureLog
@@ -63,8 +70,8 @@ class Dispatcher:
         self.reclaim_due = 0.0  # when to look at unread channels again (reclaim); 0: nothing waits
         self.one_per_message_below = one_per_message_below
         # Our own batch policies run in C (the Passer); a user's policy, and sticky, here.
-        kind = {RoundRobin: _fdpass.ROUND_ROBIN, LeastConnections: _fdpass.LEAST_CONNECTIONS}.get(
-            type(self.policy.policy))
+        kind = {RoundRobin: _fdpass.ROUND_ROBIN, Pull: _fdpass.ROUND_ROBIN,
+                LeastConnections: _fdpass.LEAST_CONNECTIONS}.get(type(self.policy.policy))
         self.targets: list[WorkerHandle] = []  # who can take a connection now
         self.pending: array.array[int] = array.array("i")  # accepted or taken back, not yet passed on
         self.accepting = False
@@ -662,6 +669,25 @@ class Dispatcher:
         if now > self._dispatched_high:
             self._dispatched_high = now
         return self._dispatched_high
+
+    def in_flight(self) -> int:
+        """Connections passed on and not yet reported done."""
+        return self.outstanding
+
+    def worker_sockets(self) -> list[socket.socket]:
+        """Sockets of ours that every worker keeps (none: each has its own channel)."""
+        return []
+
+    def own_fds(self) -> list[int]:
+        """Descriptors of ours that a new worker must close."""
+        return []
+
+    def seal(self) -> None:
+        """Stopping: everything accepted has been passed on or closed; nothing more will be."""
+
+    def release(self) -> int:
+        """At the very end: close every connection still held here; returns how many."""
+        return self.close_pending()
 
     def close_pending(self) -> int:
         """Close what no worker can take any more (at shutdown); returns how many."""

@@ -35,6 +35,7 @@ from dispatch.load import LoadMeter
 from dispatch.logs import FailureLog
 from dispatch.options import Options
 from dispatch.processes import WorkerHandle, kill
+from dispatch.pull import PullDispatcher
 from dispatch.reactor import Reactor
 from dispatch.systemd import Notifier, Readiness
 from dispatch.upgrade import Successor, Upgrader
@@ -128,7 +129,7 @@ class Server:
     @property
     def in_flight(self) -> int:
         """Connections passed to workers and not yet reported done."""
-        return self._dispatcher.outstanding if self._dispatcher else 0
+        return self._dispatcher.in_flight() if self._dispatcher else 0
 
     @property
     def draining_reason(self) -> str | None:
@@ -194,7 +195,8 @@ class Server:
                             self._apply, self._inherited_fds, self.listeners, self._on_ready,
                             lambda *args: self._run_hook("on_worker_exit", *args))
         if self.config.policy is not None:  # a user-space mode
-            self._dispatcher = Dispatcher(self.config.policy, self.workers, reactor, self.counters, self._failures,
+            kind = PullDispatcher if self.config.pulls else Dispatcher
+            self._dispatcher = kind(self.config.policy, self.workers, reactor, self.counters, self._failures,
                                           self.config.accept_batch, self.config.backlog,
                                           self.config.skip_busy,
                                           self.config.reclaim_after if self.config.skip_busy else 0.0,
@@ -258,6 +260,8 @@ class Server:
         fds += self._successor.fds() if self._successor is not None else []
         if self.config.user_space:
             fds += [s.fileno() for s in self.listeners]
+        if self._dispatcher is not None:
+            fds += self._dispatcher.own_fds()
         return fds
 
     def _balance_name(self) -> str:
@@ -402,6 +406,7 @@ class Server:
             closed = dispatcher.close_pending()
             if closed:
                 log.warning("closing %d accepted connections no worker could take", closed)
+            dispatcher.seal()
         self._endpoints.close_listeners()
         self._apply(self.supervisor.shutdown(now, graceful))
 
@@ -554,7 +559,9 @@ class Server:
         if self._fleet is not None:
             self._fleet.release()
         if self._dispatcher is not None:
-            self._dispatcher.close_pending()
+            closed = self._dispatcher.release()
+            if closed:
+                log.warning("closed %d accepted connections that no worker took before it stopped", closed)
             self._dispatcher.targets = []
         self._endpoints.close()
         self._notifier.close()

@@ -19,6 +19,7 @@ import array
 import asyncio
 import logging
 import os
+import select
 import socket
 from collections.abc import Callable
 from typing import Protocol
@@ -38,6 +39,7 @@ class Source(Protocol):
     """Connections for the runner; the worker pauses, resumes and closes it."""
 
     paused: bool
+    closed: bool
 
     def resume(self) -> None:
         """Take connections again (nothing once closed)."""
@@ -124,10 +126,28 @@ class ChannelSource:
                 return
             data, fds, flags = got
             if not data:
+                self.close()
                 self._drain("the primary closed the channel")
                 return
             messages += 1
             taken += self._take(data, fds, flags)
+
+    def sealed(self) -> bool:
+        """True once the other end will send nothing more (the primary shut the shared queue
+        down for writing when it began to stop): what is still in it ends with end-of-file."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLRDHUP)
+        return any(events & select.POLLRDHUP for _, events in poller.poll(0))
+
+    def sweep(self) -> None:
+        """Take what waits now, as far as there is room, however many passes that would
+        have been: a draining worker's last read of the shared queue, so that what the
+        primary queued before asking every worker to stop is served, not closed."""
+        while not self.closed and self._room() > 0:
+            got = _fdpass.recv_fds(self._fd, BATCH)
+            if got is None or not got[0]:
+                return
+            self._take(*got)
 
     def _take(self, data: bytes, fds: list[int], flags: int) -> int:
         """One message from the primary; how many descriptors went to the runner."""

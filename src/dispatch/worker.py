@@ -77,6 +77,7 @@ class Worker:
         self.handler = handler
         self.user_space = config.user_space
         self._reuseport = not self.user_space and config.balance == "reuseport"
+        self._pulls = config.pulls
         # Decided once, at boot: never per connection. Raises CannotServe (a boot error).
         self.interface = interface_of(handler, config.interface)
         self._make_runner = runner_for(handler, self.interface)
@@ -130,11 +131,19 @@ class Worker:
             self.runner.close()
             return EXIT_BOOT_ERROR
         self.channel.setblocking(False)
+        passed_here = self.user_space and not self._pulls  # connections come on the channel
         channel = ChannelSource(loop, self.channel, self.runner, worker_id=self.worker_id, lost=self._lost,
-                                drain=self.begin_drain, pause_when_full=self.user_space,
-                                one_per_pass_below=self.config.one_per_message_below if self.user_space else 0)
-        if self.user_space:
+                                drain=self.begin_drain, pause_when_full=passed_here,
+                                one_per_pass_below=self.config.one_per_message_below if passed_here else 0)
+        if passed_here:
             self.source = channel
+        elif self._pulls:  # the shared queue, the one socket the primary let us keep
+            self._control = channel
+            queue = self._listeners[0]
+            queue.setblocking(False)
+            self.source = ChannelSource(loop, queue, self.runner, worker_id=self.worker_id, lost=self._lost,
+                                        drain=self.begin_drain, pause_when_full=True,
+                                        one_per_pass_below=self.config.one_per_message_below)
         else:
             self._control = channel
             self.source = ListenerSource(loop, self._listeners, self.runner, worker_id=self.worker_id,
@@ -178,10 +187,10 @@ class Worker:
             self.unreported_done += 1
             if self.unreported_done >= self._report_every:
                 self._schedule_flush()
+        if self.source.paused and not self.source.closed and self.runner.room() > 0:
+            self.source.resume()  # draining too, while it reads the sealed queue to its end
         if self.draining:
             self._maybe_finish()
-        elif self.source.paused and self.runner.room() > 0:
-            self.source.resume()
 
     def _lost(self, count: int) -> None:
         # Descriptors dropped in transit: their credits come back, or the primary
@@ -235,11 +244,19 @@ class Worker:
     def begin_drain(self, why: str) -> None:
         """Take no new connections, finish the ones in hand, then exit 0."""
         if self.draining:
+            self._maybe_finish()  # the sealed queue's end, read after the Drain
             return
         self.draining = True
         log.info("worker %d (pid %d) draining: %s; %d connections in flight",
                  self.worker_id, os.getpid(), why, self.runner.active)
-        self.source.close()
+        if self._pulls and isinstance(self.source, ChannelSource):
+            if self.source.sealed():
+                pass  # the primary is stopping: serve the queue to its end with the others
+            else:
+                self.source.sweep()  # a restart: take what waits now, then leave it to the others
+                self.source.close()
+        else:
+            self.source.close()
         if self._control is not None:
             self._control.close()
         self._drain_deadline = self._loop.time() + self.config.graceful_timeout
@@ -248,7 +265,7 @@ class Worker:
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
-        if self.runner.active == 0:
+        if self.runner.active == 0 and self.source.closed:
             self._flush_done()
             self._finish(EXIT_OK)
 

@@ -1,0 +1,134 @@
+"""balance="pull" with real processes: one queue every worker reads, nothing lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from tests.helpers import Load, ServerProcess, answering_pid, request, wait_for
+from tests.test_busy_workers import SLOW, _burning, _fast_requests_during_a_burn
+
+KILLED = "was killed by signal 9 (SIGKILL)"
+
+
+def test_a_blocked_loop_takes_nothing_from_the_queue() -> None:
+    # No skipping or taking back is involved: the burning worker does not read, so
+    # every quick request is read by the other one as soon as it is queued.
+    waited, burning, skipped, reclaimed = _fast_requests_during_a_burn("pull")
+    assert [s for s in waited if s > SLOW] == [], waited
+    assert set(skipped.values()) == {0} and set(reclaimed.values()) == {0}
+
+
+def test_killed_worker_loses_only_what_it_was_handling() -> None:
+    # One thread per worker and 16 clients: 14 connections at a time wait in the
+    # queue, which a killed worker never holds: each kill costs the one request it ran.
+    kills = 4
+    victims = []
+    with ServerProcess(workers=2, threads=1, balance="pull") as server:
+        server.wait_ready(2)
+        load = Load(server.address, clients=16, path="/sleep/40", max_requests=5000, max_seconds=60)
+        try:
+            load.wait_requests(40)
+            for _ in range(kills):
+                victim = server.workers()[0]
+                os.kill(victim, signal.SIGKILL)
+                victims.append(victim)
+                wait_for(lambda v=victim: len(server.workers()) == 2 and v not in server.workers(),
+                         timeout=10, what="replacement worker")
+                server.wait_ready(2)
+                served = load.ok
+                load.wait_requests(served + len(load.failed) + 20)
+        finally:
+            load.stop()
+        assert server.exits() == dict.fromkeys(victims, KILLED)
+        assert server.cluster_health()["balance"] == "pull"
+    assert len(load.failed) <= kills, load.failed
+    assert load.ok > 100
+
+
+def test_health_counts_what_each_worker_finished() -> None:
+    with ServerProcess(workers=2, balance="pull") as server:
+        workers = server.wait_ready(2)
+        with ThreadPoolExecutor(8) as pool:
+            pids = [answering_pid(b) for b in pool.map(lambda _: request(server.address), range(200))]
+        assert set(pids) == set(workers)
+
+        def counted() -> dict[int, int] | None:
+            health = server.cluster_health()
+            by_pid = {w["pid"]: w["connections_total"] for w in health["workers"]}
+            return by_pid if health["connections_in_flight"] == 0 and sum(by_pid.values()) == 200 else None
+
+        by_pid = wait_for(counted, timeout=10, what="every connection reported done")
+        assert by_pid == {pid: pids.count(pid) for pid in workers}
+        assert server.cluster_health()["connections_total"] == 200
+
+
+def test_graceful_stop_serves_what_waits_in_the_queue() -> None:
+    # Both loops blocked by burns: quick requests wait in the queue when SIGTERM comes.
+    # Each worker reads what it can start before it drains, so all are answered.
+    with ServerProcess("dispatch.demo:app", workers=2, balance="pull", graceful_timeout=20) as server:
+        workers = server.wait_ready(2)
+        with ThreadPoolExecutor(10) as pool:
+            burns = [pool.submit(request, server.address, "/burn?ms=1500", 20)]
+            first = wait_for(lambda: _burning(workers), timeout=10, what="a worker burning")
+            burns.append(pool.submit(request, server.address, "/burn?ms=1500", 20))
+            wait_for(lambda: _burning([w for w in workers if w != first]), timeout=10,
+                     what="the other worker burning")
+            fast = [pool.submit(request, server.address, "/", 20) for _ in range(6)]
+            wait_for(lambda: server.cluster_health()["connections_in_flight"] == 6, timeout=5,
+                     what="six connections in the queue")
+            server.signal(signal.SIGTERM)
+            answers = [f.result(timeout=20) for f in fast + burns]
+        assert server.wait(20) == 0
+        assert "accepted connections that no worker took" not in server.log()
+    assert all("worker pid" in a for a in answers[:6]), answers
+
+
+def test_graceful_stop_serves_the_queue_after_the_requests_in_hand() -> None:
+    # One thread per worker, each busy with a slow request, four more in the queue: the
+    # workers have no room when they are asked to stop, and read the queue to its end
+    # as their threads come free.
+    with ServerProcess(workers=2, threads=1, balance="pull", graceful_timeout=20) as server:
+        server.wait_ready(2)
+        with ThreadPoolExecutor(6) as pool:
+            slow = [pool.submit(request, server.address, "/sleep/800", 20) for _ in range(2)]
+            server.wait_events("handling", 2)
+            fast = [pool.submit(request, server.address, "/", 20) for _ in range(4)]
+            wait_for(lambda: server.cluster_health()["connections_in_flight"] == 4, timeout=5,
+                     what="four connections in the queue")
+            server.signal(signal.SIGTERM)
+            answers = [f.result(timeout=20) for f in slow + fast]
+        assert server.wait(20) == 0
+        assert "accepted connections that no worker took" not in server.log()
+    assert all(a.startswith("pid ") for a in answers), answers
+
+
+def test_recycling_by_max_requests_drops_nothing() -> None:
+    with ServerProcess(workers=2, balance="pull", max_requests=60, max_requests_jitter=20) as server:
+        server.wait_ready(2)
+        load = Load(server.address, clients=4, max_requests=600, max_seconds=60)
+        load.wait_requests(600, timeout=60)
+        load.stop()
+        assert load.failed == []
+        assert len(load.pids) > 2  # workers were replaced along the way
+        exits = server.wait_events("worker_exit")
+        assert {e["how"] for e in exits} == {"exited with code 0"}
+
+
+def test_stalled_worker_leaves_the_queue_to_the_others() -> None:
+    # A stopped worker (SIGSTOP) reads nothing: every request goes to the other one,
+    # long before the stall is noticed, and none waits for the stopped one.
+    with ServerProcess(workers=2, balance="pull", timeout=30) as server:
+        workers = server.wait_ready(2)
+        os.kill(workers[0], signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            with ThreadPoolExecutor(4) as pool:
+                pids = [answering_pid(b) for b in pool.map(lambda _: request(server.address), range(40))]
+            took = time.monotonic() - began
+        finally:
+            os.kill(workers[0], signal.SIGCONT)
+        assert set(pids) == {workers[1]}
+        assert took < 5, took
