@@ -4,10 +4,29 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.helpers import Load, ServerProcess, answering_pid, request, wait_for
+from tests.helpers import (
+    Load,
+    ServerProcess,
+    answering_pid,
+    as_user,
+    fd_count,
+    pid_alive,
+    request,
+    unprivileged_user,
+    wait_for,
+)
+from tests.test_attacks import (
+    _answers,
+    _close_all,
+    _open_idle,
+    _settled_fd_count,
+    needs_root,
+    needs_tools,
+)
 from tests.test_busy_workers import SLOW, _burning, _fast_requests_during_a_burn
 
 KILLED = "was killed by signal 9 (SIGKILL)"
@@ -132,3 +151,63 @@ def test_stalled_worker_leaves_the_queue_to_the_others() -> None:
             os.kill(workers[0], signal.SIGCONT)
         assert set(pids) == {workers[1]}
         assert took < 5, took
+
+
+def test_a_full_queue_is_backpressure_and_loses_nothing() -> None:
+    # One worker with one thread, busy for a second, and 400 clients: more than the queue
+    # holds (a few hundred messages). The primary stops accepting when it says EAGAIN,
+    # the rest wait in the listen backlog, and every one is answered.
+    with ServerProcess(workers=1, threads=1, balance="pull") as server:
+        server.wait_ready(1)
+        host, _, port = server.address.rpartition(":")
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(request, server.address, "/sleep/1500", 20)
+            server.wait_events("handling")
+            clients = []
+            for _ in range(400):
+                sock = socket.create_connection((host, int(port)), timeout=20)
+                sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                clients.append(sock)
+            wait_for(lambda: server.metrics()["dispatch_accept_backpressure_total"] >= 1, timeout=10,
+                     what="the queue to say EAGAIN")
+            answers = [_read_all(sock) for sock in clients]
+            assert slow.result(timeout=20).startswith("pid ")
+        assert all(a.startswith(b"HTTP/1.") and b"pid " in a for a in answers)
+        assert server.cluster_health()["primary_pid"] == server.pid
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    with sock:
+        while chunk := sock.recv(4096):
+            data += chunk
+    return data
+
+
+@needs_root
+@needs_tools
+def test_idle_connections_past_the_fd_limit_do_not_crash_a_non_root_primary() -> None:
+    # Idle clients fill the workers' descriptor tables (they wait for first bytes on the
+    # loop), then the queue: the workers stop reading, the primary stops accepting.
+    uid, gid = unprivileged_user()
+    wrapper = ["prlimit", "--nofile=256:256", *as_user(uid, gid)]
+    with ServerProcess("tests.apps:pid_app", workers=2, balance="pull", wrapper=wrapper) as server:
+        workers = server.wait_ready(2)
+        baseline = fd_count(server.pid)
+        idle = _open_idle(server.address, 1200)
+        try:
+            wait_for(lambda: _held_back(server) >= 1, 10, what="the queue to fill or the budget to run out")
+            assert server.cluster_health()["primary_pid"] == server.pid
+            assert sorted(server.workers()) == sorted(workers), "no worker may be replaced"
+        finally:
+            _close_all(idle)
+        wait_for(lambda: _answers(server.address), 20, what="an answer after the idle clients left")
+        assert pid_alive(server.pid)
+        assert sorted(server.workers()) == sorted(workers)
+        assert _settled_fd_count(server.pid, baseline) <= baseline
+
+
+def _held_back(server: ServerProcess) -> float:
+    """Times the primary stopped accepting: the queue was full, or its in-flight budget spent."""
+    metrics = server.metrics()
+    return metrics["dispatch_accept_backpressure_total"] + metrics["dispatch_inflight_full_total"]
