@@ -10,7 +10,8 @@ plain handler with one thread per worker, where head-of-line blocking is worst.
 ``MODE:push`` runs a mode with ``--no-skip-busy``, ``MODE:keep`` with
 ``--reclaim-after 0`` (skip_busy without taking connections back),
 ``MODE:reclaim=SECONDS`` with ``--reclaim-after SECONDS``, ``MODE:one=N``
-with ``--one-per-message-below N``, ``MODE:nice=N`` with ``--worker-nice N``. Targets are interleaved
+with ``--one-per-message-below N``, ``MODE:nice=N`` with ``--worker-nice N``, ``MODE:rt=PRIORITY``
+with ``--primary-realtime PRIORITY``. Targets are interleaved
 within each round; cells are medians over rounds.
 
 Writes ``DIR/NAME.md``, ``NAME.json`` and ``NAME.png`` (``--name``, default openloop).
@@ -64,6 +65,9 @@ class Target:
 
 #: ``MODE:VARIANT``: the flags each variant adds.
 VARIANTS: dict[str, tuple[str, ...]] = {"": (), "push": ("--no-skip-busy",), "keep": ("--reclaim-after", "0")}
+#: ``MODE:KEY=VALUE``: the flag each takes its value.
+VALUED_VARIANTS = {"reclaim": "--reclaim-after", "one": "--one-per-message-below", "nice": "--worker-nice",
+                   "rt": "--primary-realtime"}
 
 
 def parse_target(name: str) -> Target:
@@ -71,17 +75,14 @@ def parse_target(name: str) -> Target:
     mode, _, kind = base.partition("/")
     if mode not in DISPATCH_MODES + PEERS or (mode in PEERS and (kind or variant)):
         raise ValueError(f"unknown target {name!r}")
-    if kind in ("", "plain") and variant.startswith("reclaim="):
-        args: tuple[str, ...] = ("--reclaim-after", variant.removeprefix("reclaim="))
-    elif kind in ("", "plain") and variant.startswith("one="):
-        args = ("--one-per-message-below", variant.removeprefix("one="))
-    elif kind in ("", "plain") and variant.startswith("nice="):
-        args = ("--worker-nice", variant.removeprefix("nice="))
+    key, equals, value = variant.partition("=")
+    if kind in ("", "plain") and equals and key in VALUED_VARIANTS:
+        args: tuple[str, ...] = (VALUED_VARIANTS[key], value)
     elif kind in ("", "plain") and variant in VARIANTS:
         args = VARIANTS[variant]
     else:
         raise ValueError(f"unknown target {name!r}: MODE or MODE/plain, then nothing, :push, :keep "
-                         ":reclaim=SECONDS, :one=N or :nice=N")
+                         ":reclaim=SECONDS, :one=N, :nice=N or :rt=PRIORITY")
     if kind == "plain":
         return Target(name, mode, "dispatch.demo:sync_app", ("--threads", "1", *args))
     return Target(name, mode, args=args)
@@ -91,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                    help="comma-separated: MODE (async handler), MODE/plain (threads=1), MODE:push "
                         "(--no-skip-busy), MODE:keep (--reclaim-after 0), MODE:reclaim=SECONDS, "
-                        f"MODE:one=N, MODE:nice=N (--worker-nice N), or a peer among {','.join(PEERS)} (default: %(default)s)")
+                        f"MODE:one=N, MODE:nice=N (--worker-nice N), MODE:rt=PRIORITY (--primary-realtime), or a peer among {','.join(PEERS)} (default: %(default)s)")
     p.add_argument("--mixes", default="burn,slow", help=f"among {','.join(openloop.MIXES)} (default %(default)s)")
     p.add_argument("--loads", default="0.3,0.6,0.9",
                    help="offered load as fractions of each target's capacity (default %(default)s)")

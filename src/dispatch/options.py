@@ -315,6 +315,15 @@ OPTIONS: tuple[Option, ...] = (
            "running at the default priority. Needs no privilege; 0: unchanged",
            cli={"type": int, "metavar": "N"}, shown_default="0 (unchanged)",
            cli_help="workers run this much nicer than the primary (0-19; 0: unchanged)"),
+    Option("primary_realtime", 0, _int(0, 99),
+           "run the primary's loop under `SCHED_FIFO` at this priority (1-99), so that it runs the "
+           "moment a connection arrives, ahead of the workers and of every other ordinary process, "
+           "however busy the cores are; the workers (forked with `SCHED_RESET_ON_FORK`) keep the "
+           "ordinary policy. Needs `CAP_SYS_NICE` or `RLIMIT_RTPRIO`; refused, it is logged and "
+           "the primary runs as before. The kernel's real-time throttling bounds what it can take "
+           "(95% of a CPU by default); 0: off",
+           cli={"type": int, "metavar": "PRIORITY"}, shown_default="0 (off)",
+           cli_help="run the primary under SCHED_FIFO at this priority (1-99; 0: off)"),
     Option("ssl", None, _ssl,
            "an `ssl.SSLContext`; the TLS handshake runs in the worker, never in the primary "
            "(CLI: `--certfile`, `--keyfile`)",
@@ -412,6 +421,7 @@ class Options(TypedDict, total=False):
     reclaim_after: float
     one_per_message_below: int
     worker_nice: int
+    primary_realtime: int
     ssl: SSLContext | None
     user: str | int | None
     group: str | int | None

@@ -21,7 +21,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from dispatch import control, supervisor
+from dispatch import control, scheduling, supervisor
 from dispatch.balance import ConnectionPolicy
 from dispatch.commands import Commands, Status
 from dispatch.config import Config, Handler
@@ -421,6 +421,7 @@ class Server:
         monotonic = time.monotonic
         now = monotonic()
         next_tick = now + _TICK
+        previous = scheduling.run_realtime(self.config.primary_realtime)  # this thread only
         try:
             # The hot loop: one clock read per pass. It wakes for the tick, or sooner when
             # the dispatcher wants to look at unread channels (reclaim_after).
@@ -436,6 +437,7 @@ class Server:
                     next_tick = now + _TICK
                     self._tick(now)
         finally:
+            scheduling.restore(previous)
             self._release()
             if self._exit_code:
                 log.critical("dispatch primary %d stopped with exit code %d", os.getpid(), self._exit_code)
