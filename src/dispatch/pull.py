@@ -165,6 +165,8 @@ class PullDispatcher(Dispatcher):
         if worker is not self.target:
             return  # workers' channels carry no connections here
         self.reactor.modify(self.queue.sender.fileno(), 0)  # nothing to read on the sending end
+        if self.stopping:
+            return  # sealed: nothing more goes in
         worker.full = False
         self._count_taken()
         self.rebuild_targets()
