@@ -67,6 +67,14 @@ def test_load_from_held_connections_and_stalls() -> None:
     assert meter.worker_load(worker(1, None, stalled=True)) == 1.0
 
 
+def test_load_of_a_pull_worker_from_what_it_reported_holding() -> None:
+    # In pull mode the primary does not know what a worker took (outstanding stays 0):
+    # its last heartbeat's active count says how full it is.
+    pulled = worker(1, 0, capacity=4)
+    pulled.report = Heartbeat(3, 0, 0, 0)
+    assert LoadMeter().worker_load(pulled) == 0.75
+
+
 def test_weight_bounds() -> None:
     assert weight(0.0) == 100 and weight(1.0) == 1 and weight(0.999) == 1 and weight(0.25) == 75
 

@@ -330,7 +330,7 @@ FAMILIES = [
     ("dispatch_policy_errors", "counter", "Answers of the balancing policy that were invalid or raised "
                                           "(round-robin answered instead)."),
     ("dispatch_spawn_errors", "counter", "Workers that could not be forked (fork, socketpair, pidfd_open)."),
-    ("dispatch_connections_in_flight", "gauge", "Connections passed to workers and not yet reported done."),
+    ("dispatch_connections_in_flight", "gauge", "Connections passed to workers and not yet reported done (pull: waiting in the queue)."),
     ("dispatch_accept_paused", "gauge", "1 while workers exist but the primary is not accepting."),
     ("dispatch_pending_connections", "gauge", "Connections accepted (or taken back) but not yet passed on."),
     ("dispatch_uptime_seconds", "gauge", "Seconds since the primary started."),

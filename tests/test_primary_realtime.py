@@ -3,9 +3,11 @@ policy (replaced ones too), and a refusal that leaves the server serving."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
+from typing import Any
 
 import pytest
 
@@ -67,6 +69,34 @@ def test_the_thread_gets_its_old_policy_back() -> None:
     thread.join(10)
     assert seen == [os.SCHED_FIFO, os.SCHED_OTHER]
     assert scheduling.run_realtime(0) is None
+
+
+@needs_root
+def test_without_cap_sys_nice_the_thread_still_gets_the_ordinary_policy_back(monkeypatch: Any) -> None:
+    # With only RLIMIT_RTPRIO the kernel lets a thread into SCHED_FIFO but refuses to clear
+    # SCHED_RESET_ON_FORK again (EPERM): the way back keeps the flag. (This machine cannot
+    # raise RLIMIT_RTPRIO for a user, so the refusal is the kernel's rule, played here.)
+    real = os.sched_setscheduler
+    calls: list[int] = []
+
+    def without_cap_sys_nice(pid: int, policy: int, param: os.sched_param) -> None:
+        calls.append(policy)
+        if policy in (os.SCHED_OTHER, os.SCHED_BATCH, os.SCHED_IDLE):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        real(pid, policy, param)
+
+    monkeypatch.setattr(os, "sched_setscheduler", without_cap_sys_nice)
+    seen: list[int] = []
+
+    def run() -> None:
+        scheduling.restore(scheduling.run_realtime(PRIORITY))
+        seen.append(os.sched_getscheduler(0))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    assert seen == [os.SCHED_OTHER | os.SCHED_RESET_ON_FORK]
+    assert calls[-1] == os.SCHED_OTHER | os.SCHED_RESET_ON_FORK
 
 
 @pytest.mark.parametrize("value", [-1, 100, 1.5, "5"])

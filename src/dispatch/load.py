@@ -69,7 +69,9 @@ class LoadMeter:
         """0 (idle) to 1 (a core's worth of CPU, or every connection slot taken)."""
         if worker.stalled:
             return 1.0
-        held = worker.outstanding / worker.capacity if worker.capacity else 0.0
+        # What it holds: counted by the primary, or (pull: it took them itself) last reported.
+        active = worker.report.active if worker.report is not None else 0
+        held = max(worker.outstanding, active) / worker.capacity if worker.capacity else 0.0
         return max(0.0, min(1.0, max(self._cpu.get(worker.pid, 0.0), held)))
 
     def load(self, workers: Mapping[int, LoadedWorker]) -> float | None:

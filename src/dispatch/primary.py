@@ -128,7 +128,7 @@ class Server:
 
     @property
     def in_flight(self) -> int:
-        """Connections passed to workers and not yet reported done."""
+        """Connections passed to workers and not yet reported done (pull: waiting in the queue)."""
         return self._dispatcher.in_flight() if self._dispatcher else 0
 
     @property

@@ -31,7 +31,7 @@ import struct
 import termios
 import time
 
-from dispatch import protocol, supervisor
+from dispatch import _fdpass, protocol, supervisor
 from dispatch.balance import ConnectionPolicy, Policy
 from dispatch.counters import Counters
 from dispatch.dispatcher import Dispatcher
@@ -41,6 +41,8 @@ from dispatch.reactor import OUT, Reactor
 
 #: Bytes of one queue message (an ``Fds`` message for one descriptor).
 MESSAGE_SIZE = len(protocol.encode_fds(1))
+#: Send-buffer bytes one queued message takes, rounded up (768 measured with one descriptor).
+MESSAGE_COST = 1024
 #: How soon to look at the queue again while the in-flight budget is spent: workers
 #: read it without telling us, so only looking shows that there is room again.
 RECHECK_AFTER = 0.002
@@ -60,6 +62,15 @@ class SharedQueue:
         """Connections in the queue that no worker has read yet."""
         data = fcntl.ioctl(self.reader.fileno(), termios.FIONREAD, b"\0\0\0\0")
         return int(_INT.unpack(data)[0]) // MESSAGE_SIZE
+
+    def room(self) -> int:
+        """About how many more messages fit before the queue says EAGAIN (never more)."""
+        try:
+            free = self.sender.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - _fdpass.unread_bytes(
+                self.sender.fileno())
+        except OSError:
+            return 0
+        return max(0, free // MESSAGE_COST)
 
     def close(self) -> None:
         self.sender.close()
@@ -86,6 +97,7 @@ class PullDispatcher(Dispatcher):
         self.target = WorkerHandle(-1, 0, -1, self.queue.sender, self.queue.reader, 0)
         self.target.set_capacity(0, 1)  # one per message: a worker takes one connection per read
         self.reactor.register(self.queue.sender.fileno(), 0, self._on_queue_event)
+        self._retry_send = False  # a send failed (not EAGAIN): try again on the next tick
 
     # ------------------------------------------------------------ what workers inherit
     def worker_sockets(self) -> list[socket.socket]:
@@ -137,7 +149,19 @@ class PullDispatcher(Dispatcher):
 
     def tick(self, now: float, reserve: int) -> None:
         self._count_taken()
+        if self._retry_send and not self.stopping:
+            self._retry_send = False
+            self.target.full = False
+            self.rebuild_targets()
         super().tick(now, reserve)
+
+    def stop_accepting(self) -> None:
+        """Take from the backlog no more than the queue has room for: what is left there is
+        served by a new primary after an upgrade (it shares the listeners), where taking it
+        only to close it would lose it."""
+        self._count_taken()
+        self.budget = min(self.budget, self.outstanding + self.queue.room())
+        super().stop_accepting()
 
     # ------------------------------------------------------------ what workers say
     def on_done(self, worker: WorkerHandle, count: int) -> None:
@@ -175,12 +199,22 @@ class PullDispatcher(Dispatcher):
 
     def channel_broken(self, worker: WorkerHandle, why: str) -> None:
         if worker is self.target:
-            # Cannot happen while we hold both ends; if it does, stop sending rather than spin.
-            self.failures.logger.error("cannot put connections in the shared queue: %s", why)
+            # Not a broken worker: a send that failed (ENOBUFS under memory pressure...). Stop
+            # sending rather than spin, and try again on the next tick.
+            self.failures.error("queue send", "cannot put connections in the shared queue: %s; "
+                                "trying again shortly", why, exc_info=False)
             worker.full = True
+            self._retry_send = True
             self.rebuild_targets()
             return
         super().channel_broken(worker, why)
+
+    def _backpressure(self, worker: WorkerHandle) -> None:
+        """The queue said EAGAIN: wait for room (writable only: nothing is ours to read there)."""
+        worker.full = True
+        self.counters.backpressure += 1
+        self.reactor.modify(self.queue.sender.fileno(), OUT)
+        self.rebuild_targets()
 
     # ------------------------------------------------------------ workers that leave
     def worker_stalled(self, worker: WorkerHandle) -> int:

@@ -24,7 +24,7 @@ log = logging.getLogger("dispatch")
 
 @dataclass(frozen=True)
 class Previous:
-    """The policy and priority the thread had before."""
+    """The policy (with its ``SCHED_RESET_ON_FORK`` flag) and priority the thread had before."""
 
     policy: int
     priority: int
@@ -36,7 +36,7 @@ def run_realtime(priority: int) -> Previous | None:
     if not priority:
         return None
     try:
-        previous = Previous(os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK, os.sched_getparam(0).sched_priority)
+        previous = Previous(os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
         os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
     except OSError as exc:
         log.warning("primary_realtime %d: cannot run the primary under SCHED_FIFO (%s; it needs "
@@ -54,5 +54,12 @@ def restore(previous: Previous | None) -> None:
         return
     try:
         os.sched_setscheduler(0, previous.policy, os.sched_param(previous.priority))
+    except PermissionError:
+        # Clearing SCHED_RESET_ON_FORK needs CAP_SYS_NICE (RLIMIT_RTPRIO is not enough):
+        # keep the flag, which only means that children start under the ordinary policy.
+        try:
+            os.sched_setscheduler(0, previous.policy | os.SCHED_RESET_ON_FORK, os.sched_param(previous.priority))
+        except OSError as exc:
+            log.warning("cannot restore the primary's scheduling policy: %s", exc)
     except OSError as exc:
         log.warning("cannot restore the primary's scheduling policy: %s", exc)

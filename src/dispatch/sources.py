@@ -139,16 +139,6 @@ class ChannelSource:
         poller.register(self._fd, select.POLLRDHUP)
         return any(events & select.POLLRDHUP for _, events in poller.poll(0))
 
-    def sweep(self) -> None:
-        """Take what waits now, as far as there is room, however many passes that would
-        have been: a draining worker's last read of the shared queue, so that what the
-        primary queued before asking every worker to stop is served, not closed."""
-        while not self.closed and self._room() > 0:
-            got = _fdpass.recv_fds(self._fd, BATCH)
-            if got is None or not got[0]:
-                return
-            self._take(*got)
-
     def _take(self, data: bytes, fds: list[int], flags: int) -> int:
         """One message from the primary; how many descriptors went to the runner."""
         try:

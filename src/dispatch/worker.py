@@ -249,13 +249,10 @@ class Worker:
         self.draining = True
         log.info("worker %d (pid %d) draining: %s; %d connections in flight",
                  self.worker_id, os.getpid(), why, self.runner.active)
-        if self._pulls and isinstance(self.source, ChannelSource):
-            if self.source.sealed():
-                pass  # the primary is stopping: serve the queue to its end with the others
-            else:
-                self.source.sweep()  # a restart: take what waits now, then leave it to the others
-                self.source.close()
-        else:
+        if not (self._pulls and isinstance(self.source, ChannelSource) and self.source.sealed()):
+            # A restart, a recycle, a scale-down: what waits in a shared queue is the others'
+            # (the replacement is ready first). A stopping primary sealed the queue: serve it
+            # to its end with the others.
             self.source.close()
         if self._control is not None:
             self._control.close()

@@ -85,7 +85,7 @@ class MetricsCollector:
                                   "Workers that could not be forked (fork, socketpair, pidfd_open).",
                                   value=counters.spawn_errors)
         yield GaugeMetricFamily("dispatch_connections_in_flight",
-                                "Connections passed to workers and not yet reported done.",
+                                "Connections passed to workers and not yet reported done (pull: waiting in the queue).",
                                 value=server.in_flight)
         yield GaugeMetricFamily("dispatch_accept_paused",
                                 "1 while workers exist but the primary is not accepting.",
