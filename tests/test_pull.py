@@ -6,7 +6,7 @@ import os
 import signal
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from tests.helpers import (
     Load,
@@ -95,10 +95,7 @@ def test_graceful_stop_serves_what_waits_in_the_queue() -> None:
             burns.append(pool.submit(request, server.address, "/burn?ms=1500", 20))
             wait_for(lambda: _burning([w for w in workers if w != first]), timeout=10,
                      what="the other worker burning")
-            fast = [pool.submit(request, server.address, "/", 20) for _ in range(6)]
-            wait_for(lambda: server.cluster_health()["connections_in_flight"] == 6, timeout=5,
-                     what="six connections in the queue")
-            server.signal(signal.SIGTERM)
+            fast = _queue_then_stop(server, pool, 6)
             answers = [f.result(timeout=20) for f in fast + burns]
         assert server.wait(20) == 0
         assert "accepted connections that no worker took" not in server.log()
@@ -114,14 +111,20 @@ def test_graceful_stop_serves_the_queue_after_the_requests_in_hand() -> None:
         with ThreadPoolExecutor(6) as pool:
             slow = [pool.submit(request, server.address, "/sleep/800", 20) for _ in range(2)]
             server.wait_events("handling", 2)
-            fast = [pool.submit(request, server.address, "/", 20) for _ in range(4)]
-            wait_for(lambda: server.cluster_health()["connections_in_flight"] == 4, timeout=5,
-                     what="four connections in the queue")
-            server.signal(signal.SIGTERM)
+            fast = _queue_then_stop(server, pool, 4)
             answers = [f.result(timeout=20) for f in slow + fast]
         assert server.wait(20) == 0
         assert "accepted connections that no worker took" not in server.log()
     assert all(a.startswith("pid ") for a in answers), answers
+
+
+def _queue_then_stop(server: ServerProcess, pool: ThreadPoolExecutor, count: int) -> list[Future[str]]:
+    """``count`` quick requests, once all of them wait in the queue: SIGTERM."""
+    fast = [pool.submit(request, server.address, "/", 20) for _ in range(count)]
+    wait_for(lambda: server.cluster_health()["connections_in_flight"] == count, timeout=5,
+             what=f"{count} connections in the queue")
+    server.signal(signal.SIGTERM)
+    return fast
 
 
 def test_recycling_by_max_requests_drops_nothing() -> None:

@@ -4,6 +4,7 @@ with the CPU each connection cost (user and system, primary and workers apart)."
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,7 @@ def _ratios(table: dict[Key, dict[str, Any]], mix: str, levels: list[float], nam
     """least-connections' and pull's fast p90/p99 over the kernel modes', per handler kind
     and level."""
     out = []
-    for suffix, mode in ((s, m) for s in ("", "/plain") for m in OURS):
+    for suffix, mode in itertools.product(("", "/plain"), OURS):
         ours = mode + suffix
         if ours not in names:
             continue

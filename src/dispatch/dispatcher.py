@@ -49,6 +49,9 @@ ACCEPT_BACKOFF = (0.05, 1.0)
 class Dispatcher:
     """Passes accepted connections to ``workers`` (the primary's dict, by pid)."""
 
+    #: What the primary waits for on a target's channel besides room: workers' reports.
+    CHANNEL_EVENTS = IN
+
     def __init__(self, policy: Policy | ConnectionPolicy, workers: dict[int, WorkerHandle],
                  reactor: Reactor, counters: Counters, failures: FailureLog, accept_batch: int,
                  backlog: int, skip_busy: bool = True, reclaim_after: float = 0.0,
@@ -464,12 +467,12 @@ class Dispatcher:
         """The worker's channel is full: skip it until it drains (EPOLLOUT)."""
         worker.full = True
         self.counters.backpressure += 1
-        self.reactor.modify(worker.fd, IN | OUT)
+        self.reactor.modify(worker.fd, self.CHANNEL_EVENTS | OUT)
         self.rebuild_targets()
 
     def channel_writable(self, worker: WorkerHandle) -> None:
         """Room again in a channel that said EAGAIN."""
-        self.reactor.modify(worker.fd, IN)
+        self.reactor.modify(worker.fd, self.CHANNEL_EVENTS)
         worker.full = False
         self.rebuild_targets()
         if self.pending:

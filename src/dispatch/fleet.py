@@ -55,11 +55,9 @@ class Fleet:
     # ------------------------------------------------------------ actions
     def spawn(self, worker_id: int, replaces: int | None) -> None:
         """Carry out a ``Spawn``; a fork that fails is a failed boot, never a crash."""
-        # What it takes connections from besides its channel: kernel listeners, or the shared queue.
-        if self.dispatcher is not None:
-            listeners = self.dispatcher.worker_sockets()
-        else:
-            listeners = [] if self.config.user_space else self._listeners
+        # What it keeps besides its channel: the kernel modes' listeners; in the user-space
+        # modes what the dispatcher shares (pull: the queue), else nothing.
+        listeners = self.dispatcher.worker_sockets() if self.dispatcher is not None else self._listeners
         try:
             worker = fork_worker(self.config, worker_id, self._inherited_fds(), listeners,
                                  connection_family(self._listeners))

@@ -87,6 +87,9 @@ class PullDispatcher(Dispatcher):
     finished (``done``); ``sent`` follows it, since who took what is known only then.
     """
 
+    #: Nothing comes back on the queue: it is watched for room only.
+    CHANNEL_EVENTS = 0
+
     def __init__(self, policy: Policy | ConnectionPolicy, workers: dict[int, WorkerHandle],
                  reactor: Reactor, counters: Counters, failures: FailureLog, accept_batch: int,
                  backlog: int, skip_busy: bool = False, reclaim_after: float = 0.0,
@@ -116,6 +119,10 @@ class PullDispatcher(Dispatcher):
         self.update_accepting()
 
     def update_accepting(self) -> None:
+        """As for any dispatcher, with the queue's count fresh when the budget looks spent
+        (workers read it without telling us); while it stays spent, look again soon."""
+        if self.outstanding >= self.budget:
+            self._count_taken()
         super().update_accepting()
         if not self.accepting and self.targets and self.outstanding >= self.budget and not self.stopping:
             self.reclaim_due = time.monotonic() + RECHECK_AFTER
@@ -141,7 +148,6 @@ class PullDispatcher(Dispatcher):
         """Not a reclaim here (nothing waits where one worker alone could read it): the
         budget was spent, so look at what the workers read since."""
         self.reclaim_due = 0.0
-        self._count_taken()
         self.update_accepting()
         if self.pending and self.targets:
             self.dispatch_pending()
@@ -175,7 +181,6 @@ class PullDispatcher(Dispatcher):
             worker.request_limit = 0
             self.over_limit.append(worker)
         if not self.accepting:
-            self._count_taken()
             self.update_accepting()
         if self.pending and self.targets:
             self.dispatch_pending()
@@ -188,14 +193,10 @@ class PullDispatcher(Dispatcher):
     def channel_writable(self, worker: WorkerHandle) -> None:
         if worker is not self.target:
             return  # workers' channels carry no connections here
-        self.reactor.modify(self.queue.sender.fileno(), 0)  # nothing to read on the sending end
         if self.stopping:
+            self.reactor.modify(worker.fd, self.CHANNEL_EVENTS)
             return  # sealed: nothing more goes in
-        worker.full = False
-        self._count_taken()
-        self.rebuild_targets()
-        if self.pending:
-            self.dispatch_pending()
+        super().channel_writable(worker)
 
     def channel_broken(self, worker: WorkerHandle, why: str) -> None:
         if worker is self.target:
@@ -209,13 +210,6 @@ class PullDispatcher(Dispatcher):
             return
         super().channel_broken(worker, why)
 
-    def _backpressure(self, worker: WorkerHandle) -> None:
-        """The queue said EAGAIN: wait for room (writable only: nothing is ours to read there)."""
-        worker.full = True
-        self.counters.backpressure += 1
-        self.reactor.modify(self.queue.sender.fileno(), OUT)
-        self.rebuild_targets()
-
     # ------------------------------------------------------------ workers that leave
     def worker_stalled(self, worker: WorkerHandle) -> int:
         """A silent worker reads nothing, so the others take what waits: nothing to move."""
@@ -226,7 +220,6 @@ class PullDispatcher(Dispatcher):
         """What it took died with it (as in every mode); what it never read is still in
         the queue for the others."""
         worker.slot = -1
-        self.retired_sent += worker.sent
         self.rebuild_targets()
         if self.pending:
             self.dispatch_pending()

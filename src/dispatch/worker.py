@@ -131,24 +131,25 @@ class Worker:
             self.runner.close()
             return EXIT_BOOT_ERROR
         self.channel.setblocking(False)
-        passed_here = self.user_space and not self._pulls  # connections come on the channel
-        channel = ChannelSource(loop, self.channel, self.runner, worker_id=self.worker_id, lost=self._lost,
-                                drain=self.begin_drain, pause_when_full=passed_here,
-                                one_per_pass_below=self.config.one_per_message_below if passed_here else 0)
-        if passed_here:
-            self.source = channel
-        elif self._pulls:  # the shared queue, the one socket the primary let us keep
-            self._control = channel
-            queue = self._listeners[0]
-            queue.setblocking(False)
-            self.source = ChannelSource(loop, queue, self.runner, worker_id=self.worker_id, lost=self._lost,
-                                        drain=self.begin_drain, pause_when_full=True,
-                                        one_per_pass_below=self.config.one_per_message_below)
-        else:
-            self._control = channel
-            self.source = ListenerSource(loop, self._listeners, self.runner, worker_id=self.worker_id,
-                                         reuseport=self._reuseport, backlog=self.config.backlog,
-                                         log_error=self._failures.error)
+        def reader(sock: socket.socket, connections: bool) -> ChannelSource:
+            """A channel or the shared queue; ``connections``: the runner's source, which
+            takes only what it has room for."""
+            return ChannelSource(loop, sock, self.runner, worker_id=self.worker_id, lost=self._lost,
+                                 drain=self.begin_drain, pause_when_full=connections,
+                                 one_per_pass_below=self.config.one_per_message_below if connections else 0)
+
+        if self.user_space and not self._pulls:  # connections come on the channel
+            self.source = reader(self.channel, True)
+        else:  # the channel carries the primary's requests only
+            self._control = reader(self.channel, False)
+            if self._pulls:  # the shared queue, the one socket the primary let us keep
+                queue = self._listeners[0]
+                queue.setblocking(False)
+                self.source = reader(queue, True)
+            else:
+                self.source = ListenerSource(loop, self._listeners, self.runner, worker_id=self.worker_id,
+                                             reuseport=self._reuseport, backlog=self.config.backlog,
+                                             log_error=self._failures.error)
         loop.add_signal_handler(signal.SIGTERM, self.begin_drain, "SIGTERM")
         loop.add_signal_handler(signal.SIGQUIT, self._stop_fast)
         # Sized after the listeners exist: they take descriptors too.
