@@ -325,11 +325,18 @@ def test_a_failed_start_leaves_nothing_behind_and_can_be_retried(tmp_path: Any) 
 
 
 # ------------------------------------------------------------------ skip_busy
+def _unread_goes_stale() -> None:
+    """Wait until what was just sent is no longer fresh: a worker that has not read it
+    by then is behind, not waking up."""
+    time.sleep(dispatcher_module.FRESH_UNREAD * 2)
+
+
 def test_a_worker_that_has_not_read_its_channel_is_passed_over(harness: Any) -> None:
     h = harness()
     a, b = h.worker(0), h.worker(1)
     assert h.dispatch(1) == 0  # round-robin: to worker 0, which does not read it
     assert _fdpass.unread_bytes(a.fd) > 0 and _fdpass.unread_bytes(b.fd) == 0
+    _unread_goes_stale()
     assert h.dispatch(4) == 0
     assert (h.received(a), h.received(b)) == (1, 4)  # all four went to the reading worker
     assert (a.skipped_busy, b.skipped_busy, h.server.counters.skipped_busy) == (1, 0, 1)
@@ -339,10 +346,30 @@ def test_when_every_worker_is_behind_the_policy_splits_as_usual(harness: Any) ->
     h = harness()
     a, b = h.worker(0), h.worker(1)
     h.dispatch(1)
+    _unread_goes_stale()
     h.dispatch(1)  # worker 0 had not read: to worker 1; now both are behind
+    _unread_goes_stale()
     assert h.dispatch(4) == 0
     assert (h.received(a), h.received(b)) == (3, 3)
     assert h.server.counters.skipped_busy == 1
+
+
+def test_a_worker_just_sent_something_is_still_counted_as_reading(harness: Any, monkeypatch: Any) -> None:
+    # The primary runs before the worker it just woke has had a chance to read (with a
+    # real-time primary, on the worker's own CPU): that is not a blocked loop. Passed
+    # over for it, an idle-looking worker whose loop is in fact blocked got the connection.
+    monkeypatch.setattr(dispatcher_module, "FRESH_UNREAD", 30.0)  # however slow this machine is
+    h = harness(balance="least-connections")
+    a, b = h.worker(0), h.worker(1)
+    h.dispatch(2)  # one each; worker 0 reads its own (a request that will block its loop)
+    h.received(a)
+    h.dispatcher.on_done(b, h.received(b))
+    h.dispatch(1)  # loads 1 and 0: to worker 1, which has not read it yet
+    # Loads 1 and 1, worker 1 finished one last: the tie is worker 1's, though its channel
+    # is not empty yet and worker 0's is.
+    h.dispatch(1)
+    assert (h.received(a), h.received(b)) == (0, 2)
+    assert h.server.counters.skipped_busy == 0
 
 
 def test_skip_busy_off_is_plain_push(harness: Any) -> None:
@@ -409,6 +436,7 @@ def test_connections_a_worker_leaves_unread_go_to_a_worker_that_reads(harness: A
     assert (a.sent, b.sent, h.dispatcher.outstanding) == (0, 1, 1)
     # What is left in worker 0's channel is an empty marker: it is passed over until it reads.
     assert _fdpass.unread_bytes(a.fd) > 0
+    _unread_goes_stale()  # as it is by the time reclaim runs (reclaim_after)
     assert h.dispatch(3) == 0
     assert (h.received(a), h.received(b)) == (0, 3)
 

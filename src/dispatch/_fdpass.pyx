@@ -10,7 +10,8 @@ from dispatch._libc cimport (
     MSG_CMSG_CLOEXEC, MSG_CTRUNC, MSG_DONTWAIT, MSG_NOSIGNAL, MSG_TRUNC,
     PR_SET_PDEATHSIG, SCM_RIGHTS, SOCK_CLOEXEC, SOCK_NONBLOCK, SOL_SOCKET,
     CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_NXTHDR, CMSG_SPACE,
-    accept4, close, cmsghdr, errno, ioctl, iovec, msghdr, prctl, recv, recvmsg, sendmsg, syscall,
+    accept4, clock_gettime, close, cmsghdr, errno, ioctl, iovec, msghdr, prctl, recv, recvmsg, sendmsg,
+    syscall, timespec, CLOCK_MONOTONIC,
 )
 
 #: The kernel refuses more descriptors than this in one SCM_RIGHTS message.
@@ -339,6 +340,8 @@ cdef class Passer:
     cdef long long *progress  # stamp of its last Done: higher is more recent
     cdef long long *given_
     cdef char *unread_  # had unread messages when the last pass looked
+    cdef char *passed_over  # ... and was not a candidate of the last pass for it
+    cdef long long *sent_at  # ns: the first send since it was last seen with nothing unread; 0: none
     cdef Py_ssize_t *cand
     cdef long long *share
     cdef Py_ssize_t *order
@@ -350,13 +353,14 @@ cdef class Passer:
     cdef readonly int policy
     cdef public Py_ssize_t cursor
     cdef public long long one_per_message_below
+    cdef public long long fresh_ns  # unread younger than this is not yet a sign of a blocked loop
     cdef readonly int status, slot, error
     cdef readonly bint any_skipped
     cdef readonly bint looked  # the last pass read every target's unread bytes
     cdef int fail_count, fail_errno  # fault injection for tests (fail_sends)
 
     def __cinit__(self, int policy, list messages, int[::1] accept_buffer,
-                  long long one_per_message_below=0):
+                  long long one_per_message_below=0, long long fresh_ns=0):
         if policy != _ROUND_ROBIN and policy != _LEAST_CONNECTIONS:
             raise ValueError(f"unknown policy {policy}")
         if len(messages) != _SCM_MAX_FD + 1 or not all(PyBytes_CheckExact(m) and len(m) for m in messages):
@@ -370,6 +374,7 @@ cdef class Passer:
             self.message_size[i] = PyBytes_GET_SIZE(messages[i])
         self.accepted_ = accept_buffer
         self.one_per_message_below = one_per_message_below
+        self.fresh_ns = fresh_ns
         self.n = self.size = 0
         self._grow(4)
 
@@ -381,6 +386,8 @@ cdef class Passer:
         free(self.progress)
         free(self.given_)
         free(self.unread_)
+        free(self.passed_over)
+        free(self.sent_at)
         free(self.cand)
         free(self.share)
         free(self.order)
@@ -393,6 +400,8 @@ cdef class Passer:
         self.progress = <long long *>_resized(self.progress, size * sizeof(long long))
         self.given_ = <long long *>_resized(self.given_, size * sizeof(long long))
         self.unread_ = <char *>_resized(self.unread_, size * sizeof(char))
+        self.passed_over = <char *>_resized(self.passed_over, size * sizeof(char))
+        self.sent_at = <long long *>_resized(self.sent_at, size * sizeof(long long))
         self.cand = <Py_ssize_t *>_resized(self.cand, size * sizeof(Py_ssize_t))
         self.share = <long long *>_resized(self.share, size * sizeof(long long))
         self.order = <Py_ssize_t *>_resized(self.order, size * sizeof(Py_ssize_t))
@@ -406,6 +415,8 @@ cdef class Passer:
         if n > self.size:
             self._grow(n)
         for i in range(n):
+            if i >= self.n or self.fd[i] != fds[i]:
+                self.sent_at[i] = 0  # age unknown: unread counts as behind until read
             self.fd[i] = fds[i]
             self.load[i] = loads[i]
             self.cap[i] = caps[i]
@@ -413,6 +424,7 @@ cdef class Passer:
             self.progress[i] = progress[i]
             self.given_[i] = 0
             self.unread_[i] = 0
+            self.passed_over[i] = 0
         self.n = n
 
     def done(self, Py_ssize_t slot, long long count, long long stamp):
@@ -447,9 +459,9 @@ cdef class Passer:
         return bool(self.unread_[slot]) if 0 <= slot < self.n else False
 
     def skipped(self, Py_ssize_t slot):
-        """True if the last pass passed ``slot`` over: it had not read what it had while
-        another target had (``any_skipped``)."""
-        return self.any_skipped and self.unread(slot)
+        """True if the last pass passed ``slot`` over: it had left unread what was sent to
+        it ``fresh_ns`` or more ago while another target was reading (``any_skipped``)."""
+        return self.any_skipped and 0 <= slot < self.n and bool(self.passed_over[slot])
 
     def accept_and_pass(self, int listen_fd, Py_ssize_t limit, Py_ssize_t room, bint skip_busy):
         """Accept up to ``limit`` connections into the accept buffer, as ``accept_batch``
@@ -497,28 +509,38 @@ cdef class Passer:
         for i in range(self.n):
             self.given_[i] = 0
             self.unread_[i] = 0
+            self.passed_over[i] = 0
 
     cdef Py_ssize_t _pass(self, int *fds, Py_ssize_t count, bint skip_busy) noexcept nogil:
         cdef Py_ssize_t n = self.n, m = 0, i, j, passed = 0
         cdef int queued
-        cdef long long share, free_, limit, chunk
+        cdef long long share, free_, limit, chunk, now = 0
         cdef bint credit_spent = False
         cdef int err
+        cdef timespec clock
         if n == 0 or count == 0:
             return 0
         # Who is reading: a worker with unread messages while another has none is passed over.
         # When every target is behind, that is load, not one blocked loop: all stay candidates.
+        # What was sent less than fresh_ns ago has not had its chance to be read (the worker
+        # may just be waking up): that worker still counts as reading.
         if skip_busy and n > 1:
             self.looked = True
+            if self.fresh_ns and clock_gettime(CLOCK_MONOTONIC, &clock) == 0:
+                now = clock.tv_sec * 1000000000LL + clock.tv_nsec
             for i in range(n):
                 queued = 0
                 if ioctl(self.fd[i], SIOCOUTQ, &queued) != 0:
                     queued = 0  # cannot tell: a reader; a broken channel shows on send
-                if queued > 0:
-                    self.unread_[i] = 1
+                if queued <= 0:
+                    self.sent_at[i] = 0
                 else:
-                    self.cand[m] = i
-                    m += 1
+                    self.unread_[i] = 1
+                    if not (now and self.sent_at[i] and now - self.sent_at[i] < self.fresh_ns):
+                        self.passed_over[i] = 1
+                        continue
+                self.cand[m] = i
+                m += 1
             self.any_skipped = 0 < m < n
         if not self.any_skipped:
             for i in range(n):
@@ -558,6 +580,8 @@ cdef class Passer:
                     return passed
                 self.load[i] += chunk
                 self.given_[i] += chunk
+                if now and not self.sent_at[i]:
+                    self.sent_at[i] = now
                 passed += chunk
                 share -= chunk
         if credit_spent:

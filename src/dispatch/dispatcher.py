@@ -44,6 +44,10 @@ _FDS_MESSAGES = [protocol.encode_fds(n) for n in range(_fdpass.SCM_MAX_FD + 1)]
 FD_RESERVE = 32
 # Backoff of accepting after an accept error: doubles from the first to the last.
 ACCEPT_BACKOFF = (0.05, 1.0)
+# skip_busy: what a worker was sent less than this long ago is not yet a sign that its loop
+# is blocked (it may still be waking up, or be waiting for the CPU the primary holds).
+# Passed over for it, an idle-looking worker whose loop is in fact blocked got the connection.
+FRESH_UNREAD = 0.00025
 
 
 class Dispatcher:
@@ -92,7 +96,8 @@ class Dispatcher:
         self._accept_failures = 0  # in a row: the backoff grows with them
         self._listen_fds: list[int] = []
         self._passer = None if kind is None else _fdpass.Passer(kind, _FDS_MESSAGES, self._accept_buf,
-                                                                one_per_message_below)
+                                                                one_per_message_below,
+                                                                int(FRESH_UNREAD * 1e9))
 
     # ------------------------------------------------------------ listeners
     def add_listener(self, sock: socket.socket) -> None:
