@@ -33,6 +33,7 @@ class Passer:
     policy: int
     cursor: int
     one_per_message_below: int
+    fresh_ns: int
     status: int
     slot: int
     error: int
@@ -40,7 +41,7 @@ class Passer:
     looked: bool
     passed: int
     def __init__(self, policy: int, messages: list[bytes], accept_buffer: Any,
-                 one_per_message_below: int = 0) -> None: ...
+                 one_per_message_below: int = 0, fresh_ns: int = 0) -> None: ...
     def set_targets(self, fds: list[int], loads: list[int], caps: list[int], max_batches: list[int],
                     progress: list[int]) -> None: ...
     def done(self, slot: int, count: int, stamp: int) -> None: ...
