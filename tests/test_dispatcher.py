@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -379,6 +379,24 @@ def test_skip_busy_off_is_plain_push(harness: Any) -> None:
     h.dispatch(4)
     assert (h.received(a), h.received(b)) == (3, 2)
     assert a.skipped_busy == b.skipped_busy == 0
+
+
+def test_a_policy_in_python_keeps_a_worker_just_sent_its_last_connection(harness: Any, monkeypatch: Any) -> None:
+    # Policies run in Python (sticky, a user's) judge unread messages as the Passer does:
+    # one sent a moment ago is not a blocked loop, and must not turn the choice elsewhere.
+    class FirstWorker:
+        needs_loads = False
+
+        def choose(self, client: str | None, workers: Sequence[int], loads: Sequence[int]) -> int:
+            return workers.index(0) if 0 in workers else 0
+
+    monkeypatch.setattr(dispatcher_module, "FRESH_UNREAD", 30.0)
+    h = harness(balance=FirstWorker())
+    a, b = h.worker(0), h.worker(1)
+    h.dispatch(1)
+    h.dispatch(1)  # worker 0 has not read the first yet
+    assert (h.received(a), h.received(b)) == (2, 0)
+    assert a.skipped_busy == 0
 
 
 def test_least_connections_and_sticky_pass_over_a_worker_that_is_not_reading(harness: Any) -> None:

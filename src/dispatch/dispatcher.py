@@ -264,6 +264,8 @@ class Dispatcher:
                         self._backpressure(worker)
                         break
                     self._sent_to(worker, chunk, now)
+                    if not worker.sent_at:
+                        worker.sent_at = time.monotonic()
                     self.outstanding += chunk
                     start += chunk
                     count -= chunk
@@ -378,6 +380,8 @@ class Dispatcher:
                 self._backpressure(worker)
                 continue
             worker.sent += 1
+            if not worker.sent_at:
+                worker.sent_at = time.monotonic()
             self.outstanding += 1
             start += 1
             count -= 1
@@ -394,18 +398,22 @@ class Dispatcher:
         read from the channel's unread bytes: no message, no lag). When all are
         behind, all stay targets and credits bound each one."""
         unread = _fdpass.unread_bytes
+        now = time.monotonic()
         reading: list[WorkerHandle] = []
         behind: list[WorkerHandle] = []
         for worker in targets:
             try:
-                busy = unread(worker.fd) > 0
+                queued = unread(worker.fd) > 0
             except OSError:
-                busy = False  # cannot tell: treat it as reading; a broken channel shows on send
-            if busy:
-                behind.append(worker)
-            else:
-                reading.append(worker)
+                queued = False  # cannot tell: treat it as reading; a broken channel shows on send
+            if not queued:
+                worker.sent_at = 0.0
                 worker.unread_since = 0.0  # read everything: what it gets next is watched afresh
+                reading.append(worker)
+            elif worker.sent_at and now - worker.sent_at < FRESH_UNREAD:
+                reading.append(worker)  # sent too recently to tell (as the Passer does)
+            else:
+                behind.append(worker)
         if not reading or not behind:
             return targets
         for worker in behind:
