@@ -11,7 +11,8 @@ plain handler with one thread per worker, where head-of-line blocking is worst.
 ``--reclaim-after 0`` (skip_busy without taking connections back),
 ``MODE:reclaim=SECONDS`` with ``--reclaim-after SECONDS``, ``MODE:one=N``
 with ``--one-per-message-below N``, ``MODE:nice=N`` with ``--worker-nice N``, ``MODE:rt=PRIORITY``
-with ``--primary-realtime PRIORITY``. Targets are interleaved
+with ``--primary-realtime PRIORITY``, ``MODE:pin`` with ``--worker-affinity``; variants
+combine with ``+`` (``least-connections:rt=1+pin``). Targets are interleaved
 within each round; cells are medians over rounds.
 
 Writes ``DIR/NAME.md``, ``NAME.json`` and ``NAME.png`` (``--name``, default openloop).
@@ -64,7 +65,8 @@ class Target:
 
 
 #: ``MODE:VARIANT``: the flags each variant adds.
-VARIANTS: dict[str, tuple[str, ...]] = {"": (), "push": ("--no-skip-busy",), "keep": ("--reclaim-after", "0")}
+VARIANTS: dict[str, tuple[str, ...]] = {"": (), "push": ("--no-skip-busy",), "keep": ("--reclaim-after", "0"),
+                                        "pin": ("--worker-affinity",)}
 #: ``MODE:KEY=VALUE``: the flag each takes its value.
 VALUED_VARIANTS = {"reclaim": "--reclaim-after", "one": "--one-per-message-below", "nice": "--worker-nice",
                    "rt": "--primary-realtime"}
@@ -75,14 +77,18 @@ def parse_target(name: str) -> Target:
     mode, _, kind = base.partition("/")
     if mode not in DISPATCH_MODES + PEERS or (mode in PEERS and (kind or variant)):
         raise ValueError(f"unknown target {name!r}")
-    key, equals, value = variant.partition("=")
-    if kind in ("", "plain") and equals and key in VALUED_VARIANTS:
-        args: tuple[str, ...] = (VALUED_VARIANTS[key], value)
-    elif kind in ("", "plain") and variant in VARIANTS:
-        args = VARIANTS[variant]
-    else:
-        raise ValueError(f"unknown target {name!r}: MODE or MODE/plain, then nothing, :push, :keep "
-                         ":reclaim=SECONDS, :one=N, :nice=N or :rt=PRIORITY")
+    if kind not in ("", "plain"):
+        raise ValueError(f"unknown target {name!r}: MODE or MODE/plain")
+    args: tuple[str, ...] = ()
+    for part in variant.split("+") if variant else ():
+        key, equals, value = part.partition("=")
+        if equals and key in VALUED_VARIANTS and value:
+            args += (VALUED_VARIANTS[key], value)
+        elif not equals and part and part in VARIANTS:
+            args += VARIANTS[part]
+        else:
+            raise ValueError(f"unknown target {name!r}: MODE or MODE/plain, then nothing or variants "
+                             "joined with +: push, keep, pin, reclaim=SECONDS, one=N, nice=N, rt=PRIORITY")
     if kind == "plain":
         return Target(name, mode, "dispatch.demo:sync_app", ("--threads", "1", *args))
     return Target(name, mode, args=args)
@@ -92,7 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                    help="comma-separated: MODE (async handler), MODE/plain (threads=1), MODE:push "
                         "(--no-skip-busy), MODE:keep (--reclaim-after 0), MODE:reclaim=SECONDS, "
-                        f"MODE:one=N, MODE:nice=N (--worker-nice N), MODE:rt=PRIORITY (--primary-realtime), or a peer among {','.join(PEERS)} (default: %(default)s)")
+                        f"MODE:one=N, MODE:nice=N (--worker-nice N), MODE:rt=PRIORITY (--primary-realtime), "
+                        f"MODE:pin (--worker-affinity), variants joined with + (MODE:rt=1+pin), or a peer among {','.join(PEERS)} (default: %(default)s)")
     p.add_argument("--mixes", default="burn,slow", help=f"among {','.join(openloop.MIXES)} (default %(default)s)")
     p.add_argument("--loads", default="0.3,0.6,0.9",
                    help="offered load as fractions of each target's capacity (default %(default)s)")

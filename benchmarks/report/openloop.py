@@ -85,7 +85,8 @@ def markdown(records: list[dict[str, Any]], capacities: dict[tuple[str, str], fl
         "- `MODE`: the demo app's asyncio protocol handler; `MODE/plain`: its plain handler with "
         "`--threads 1`; `MODE:push`: with `--no-skip-busy`; `MODE:keep`: with `--reclaim-after 0`; "
         "`MODE:reclaim=S`, `MODE:one=N`, `MODE:nice=N`, `MODE:rt=P`: with `--reclaim-after S`, "
-        "`--one-per-message-below N`, `--worker-nice N`, `--primary-realtime P`.",
+        "`--one-per-message-below N`, `--worker-nice N`, `--primary-realtime P`; `MODE:pin`: with "
+        "`--worker-affinity`; `+` joins variants.",
         "",
     ]
     for mix in args.mixes:

@@ -69,6 +69,7 @@ class Config:
     reclaim_after: float = default("reclaim_after")
     one_per_message_below: int = default("one_per_message_below")
     worker_nice: int = default("worker_nice")
+    worker_affinity: bool = default("worker_affinity")
     primary_realtime: int = default("primary_realtime")
     ssl: _ssl.SSLContext | None = default("ssl")
     user: str | int | None = default("user")

@@ -315,6 +315,18 @@ OPTIONS: tuple[Option, ...] = (
            "running at the default priority. Needs no privilege; 0: unchanged",
            cli={"type": int, "metavar": "N"}, shown_default="0 (unchanged)",
            cli_help="workers run this much nicer than the primary (0-19; 0: unchanged)"),
+    Option("worker_affinity", False, _bool,
+           "pin each worker to one CPU: worker N runs only on the Nth of the CPUs the server may "
+           "use (its affinity mask, which a container's cpuset or `taskset` sets), wrapping around "
+           "when there are more workers than CPUs; replacements take their slot's CPU (as nginx's "
+           "`worker_cpu_affinity auto`). Without it the kernel may queue an idle worker behind a "
+           "busy one on the same core while the other core runs something else; with it, a worker "
+           "whose loop a CPU-heavy request holds never delays another one. Lowers least-connections' "
+           "tail latency next to CPU-bound requests on a machine the server has to itself "
+           "(Benchmarks, below); a worker cannot move away from a core that other programs keep "
+           "busy. A failure is logged and the worker serves unpinned",
+           cli={"action": argparse.BooleanOptionalAction},
+           cli_help="pin worker N to the Nth CPU the server may use"),
     Option("primary_realtime", 0, _int(0, 99),
            "run the primary's loop under `SCHED_FIFO` at this priority (1-99), so that it runs the "
            "moment a connection arrives, ahead of the workers and of every other ordinary process, "
@@ -423,6 +435,7 @@ class Options(TypedDict, total=False):
     reclaim_after: float
     one_per_message_below: int
     worker_nice: int
+    worker_affinity: bool
     primary_realtime: int
     ssl: SSLContext | None
     user: str | int | None

@@ -55,6 +55,8 @@ def worker_main(
         _reset_process(worker_id, inherited_fds, primary)
         _drop_privileges(config, primary)
         _lower_priority(worker_id, config.worker_nice)
+        if config.worker_affinity:
+            _pin_to_cpu(worker_id)
         if config.on_worker_start is not None:
             config.on_worker_start(worker_id)
         try:
@@ -114,6 +116,24 @@ def _lower_priority(worker_id: int, increment: int) -> None:
     except OSError as exc:
         log.warning("worker %d (pid %d) cannot lower its priority by %d: %s", worker_id, os.getpid(),
                     increment, exc)
+
+
+def cpu_for(worker_id: int, allowed: set[int]) -> int:
+    """``worker_affinity``: the CPU of worker ``worker_id``, the Nth of ``allowed`` in order,
+    wrapping around (a slot keeps its CPU across replacements)."""
+    cpus = sorted(allowed)
+    return cpus[worker_id % len(cpus)]
+
+
+def _pin_to_cpu(worker_id: int) -> None:
+    """``worker_affinity``: run on one CPU of the mask inherited from the primary (a
+    container's cpuset, ``taskset``). A failure is logged and the worker serves unpinned."""
+    try:
+        cpu = cpu_for(worker_id, os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpu})
+    except OSError as exc:
+        log.warning("worker %d (pid %d) cannot pin itself to a CPU: %s; it runs on any",
+                    worker_id, os.getpid(), exc)
 
 
 def _tag_log_records(worker_id: int) -> None:
