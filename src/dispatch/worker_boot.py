@@ -131,6 +131,7 @@ def _pin_to_cpu(worker_id: int) -> None:
     try:
         cpu = cpu_for(worker_id, os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpu})
+        log.info("worker %d (pid %d) runs on CPU %d only", worker_id, os.getpid(), cpu)
     except OSError as exc:
         log.warning("worker %d (pid %d) cannot pin itself to a CPU: %s; it runs on any",
                     worker_id, os.getpid(), exc)
