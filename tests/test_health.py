@@ -44,7 +44,7 @@ CLUSTER_FIELDS = {
 WORKER_FIELDS = {
     "id", "pid", "state", "stalled", "uptime_s", "memory_rss", "cpu_percent", "connections_total",
     "connections_active", "heartbeat_age_s", "restarts", "skipped_busy",
-    "reclaimed",
+    "reclaimed", "cpus",
 }
 
 

@@ -19,8 +19,12 @@ ALLOWED = os.sched_getaffinity(0)
 
 
 def _pinned(server: ServerProcess) -> dict[int, set[int]]:
-    """Each worker's id and the CPUs it may run on, from /cluster-health."""
-    return {w["id"]: os.sched_getaffinity(w["pid"]) for w in server.cluster_health()["workers"]}
+    """Each worker's id and the CPUs it may run on, from the kernel; /cluster-health says
+    the same."""
+    workers = server.cluster_health()["workers"]
+    pinned = {w["id"]: os.sched_getaffinity(w["pid"]) for w in workers}
+    assert {w["id"]: set(w["cpus"]) for w in workers} == pinned
+    return pinned
 
 
 def test_each_worker_runs_on_its_own_cpu_and_a_replacement_on_its_slot_s() -> None:
@@ -59,6 +63,7 @@ def test_without_it_workers_keep_the_primary_s_mask() -> None:
     with ServerProcess() as server:
         workers = server.wait_ready(2)
         assert [os.sched_getaffinity(pid) for pid in workers] == [ALLOWED, ALLOWED]
+        assert _pinned(server) == {0: ALLOWED, 1: ALLOWED}
 
 
 def test_cpus_are_taken_in_order_and_wrap_around() -> None:

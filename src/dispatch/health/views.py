@@ -37,6 +37,7 @@ class WorkerEntry(TypedDict):
     restarts: int
     skipped_busy: int
     reclaimed: int
+    cpus: list[int]
 
 
 class ClusterHealth(TypedDict):
@@ -112,6 +113,7 @@ class ClusterHealthView:
                 "restarts": slot.restarts if slot is not None else 0,
                 "skipped_busy": w.skipped_busy,
                 "reclaimed": w.reclaimed,
+                "cpus": worker_cpus(w.pid),
             })
         return {
             "primary_pid": os.getpid(),
@@ -172,6 +174,14 @@ def worker_rss(worker: WorkerView) -> int:
         return int(psutil.Process(worker.pid).memory_info().rss)
     except psutil.Error:
         return 0
+
+
+def worker_cpus(pid: int) -> list[int]:
+    """The CPUs a worker may run on (one with ``worker_affinity``); [] if it is gone."""
+    try:
+        return sorted(os.sched_getaffinity(pid))
+    except OSError:
+        return []
 
 
 def balance_name(server: PrimaryView) -> str:
