@@ -372,6 +372,18 @@ def test_a_worker_just_sent_something_is_still_counted_as_reading(harness: Any, 
     assert h.server.counters.skipped_busy == 0
 
 
+def test_round_robin_keeps_the_strict_rule(harness: Any, monkeypatch: Any) -> None:
+    # It cannot take back what it gives a loop that blocks: a worker with anything unread
+    # is passed over at once, however recent.
+    monkeypatch.setattr(dispatcher_module, "FRESH_UNREAD", 30.0)
+    h = harness(balance="round-robin")
+    a, b = h.worker(0), h.worker(1)
+    h.dispatch(1)  # to worker 0, not read
+    h.dispatch(2)
+    assert (h.received(a), h.received(b)) == (1, 2)
+    assert a.skipped_busy == 1
+
+
 def test_skip_busy_off_is_plain_push(harness: Any) -> None:
     h = harness(skip_busy=False)
     a, b = h.worker(0), h.worker(1)
@@ -385,7 +397,7 @@ def test_a_policy_in_python_keeps_a_worker_just_sent_its_last_connection(harness
     # Policies run in Python (sticky, a user's) judge unread messages as the Passer does:
     # one sent a moment ago is not a blocked loop, and must not turn the choice elsewhere.
     class FirstWorker:
-        needs_loads = False
+        needs_loads = True  # weighs loads, as sticky does: the rule is for such policies
 
         def choose(self, client: str | None, workers: Sequence[int], loads: Sequence[int]) -> int:
             return workers.index(0) if 0 in workers else 0

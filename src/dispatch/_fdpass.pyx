@@ -414,9 +414,11 @@ cdef class Passer:
             raise ValueError("one value per target in every list")
         if n > self.size:
             self._grow(n)
+        # A worker's send time follows it to its new slot (a rebuild that drops one shifts
+        # the others); a new target's is unknown (0: what it holds unread counts as behind).
+        cdef list sent_at = [self._sent_at_of(fd, i) for i, fd in enumerate(fds)]
         for i in range(n):
-            if i >= self.n or self.fd[i] != fds[i]:
-                self.sent_at[i] = 0  # age unknown: unread counts as behind until read
+            self.sent_at[i] = sent_at[i]
             self.fd[i] = fds[i]
             self.load[i] = loads[i]
             self.cap[i] = caps[i]
@@ -426,6 +428,16 @@ cdef class Passer:
             self.unread_[i] = 0
             self.passed_over[i] = 0
         self.n = n
+
+    cdef long long _sent_at_of(self, int fd, Py_ssize_t near) noexcept:
+        """The send time of the current target with descriptor ``fd`` (0: none), looked for
+        from slot ``near`` on: it is there or one further after a usual rebuild."""
+        cdef Py_ssize_t k, j
+        for k in range(self.n):
+            j = (near + k) % self.n
+            if self.fd[j] == fd:
+                return self.sent_at[j]
+        return 0
 
     def done(self, Py_ssize_t slot, long long count, long long stamp):
         """Target ``slot`` reported ``count`` connections done (progress ``stamp``)."""
@@ -524,10 +536,10 @@ cdef class Passer:
         # When every target is behind, that is load, not one blocked loop: all stay candidates.
         # What was sent less than fresh_ns ago has not had its chance to be read (the worker
         # may just be waking up): that worker still counts as reading.
+        if self.fresh_ns and clock_gettime(CLOCK_MONOTONIC, &clock) == 0:
+            now = clock.tv_sec * 1000000000LL + clock.tv_nsec
         if skip_busy and n > 1:
             self.looked = True
-            if self.fresh_ns and clock_gettime(CLOCK_MONOTONIC, &clock) == 0:
-                now = clock.tv_sec * 1000000000LL + clock.tv_nsec
             for i in range(n):
                 queued = 0
                 if ioctl(self.fd[i], SIOCOUTQ, &queued) != 0:
@@ -580,7 +592,9 @@ cdef class Passer:
                     return passed
                 self.load[i] += chunk
                 self.given_[i] += chunk
-                if now and not self.sent_at[i]:
+                if now and (not self.sent_at[i] or not self.looked):
+                    # Without a look this pass we cannot tell whether it had read the last
+                    # ones: the newest send stands for them (a look sets it right again).
                     self.sent_at[i] = now
                 passed += chunk
                 share -= chunk

@@ -44,9 +44,11 @@ _FDS_MESSAGES = [protocol.encode_fds(n) for n in range(_fdpass.SCM_MAX_FD + 1)]
 FD_RESERVE = 32
 # Backoff of accepting after an accept error: doubles from the first to the last.
 ACCEPT_BACKOFF = (0.05, 1.0)
-# skip_busy: what a worker was sent less than this long ago is not yet a sign that its loop
-# is blocked (it may still be waking up, or be waiting for the CPU the primary holds).
-# Passed over for it, an idle-looking worker whose loop is in fact blocked got the connection.
+# skip_busy, policies that weigh loads (least-connections, sticky, a user's with needs_loads):
+# what a worker was sent less than this long ago is not yet a sign that its loop is blocked
+# (it may still be waking up, or be waiting for the CPU the primary holds). Passed over for
+# it, an idle-looking worker whose loop is in fact blocked got the connection. Round-robin
+# keeps the strict rule: it cannot take back what it gives a loop that blocks meanwhile.
 FRESH_UNREAD = 0.00025
 
 
@@ -96,8 +98,10 @@ class Dispatcher:
         self._accept_failures = 0  # in a row: the backoff grows with them
         self._listen_fds: list[int] = []
         self._passer = None if kind is None else _fdpass.Passer(kind, _FDS_MESSAGES, self._accept_buf,
-                                                                one_per_message_below,
-                                                                int(FRESH_UNREAD * 1e9))
+                                                                one_per_message_below)
+        self._fresh_unread = FRESH_UNREAD if self.policy.needs_loads else 0.0
+        if self._passer is not None:
+            self._passer.fresh_ns = int(self._fresh_unread * 1e9)
 
     # ------------------------------------------------------------ listeners
     def add_listener(self, sock: socket.socket) -> None:
@@ -410,7 +414,7 @@ class Dispatcher:
                 worker.sent_at = 0.0
                 worker.unread_since = 0.0  # read everything: what it gets next is watched afresh
                 reading.append(worker)
-            elif worker.sent_at and now - worker.sent_at < FRESH_UNREAD:
+            elif worker.sent_at and now - worker.sent_at < self._fresh_unread:
                 reading.append(worker)  # sent too recently to tell (as the Passer does)
             else:
                 behind.append(worker)

@@ -283,8 +283,9 @@ OPTIONS: tuple[Option, ...] = (
            "most connections accepted per wakeup of the primary", cli={"type": int}),
     Option("skip_busy", True, _bool,
            "user-space modes: pass over a worker that has not read what it was already given "
-           "(its channel holds unread connections sent 0.25 ms ago or more, seen with `SIOCOUTQ`) "
-           "while another worker is reading, so a connection never waits behind a blocked event loop; "
+           "(its channel holds unread connections, seen with `SIOCOUTQ`; with least-connections and "
+           "sticky, only those sent 0.25 ms ago or more) while another worker is reading, so a "
+           "connection never waits behind a blocked event loop; "
            "`/cluster-health` counts the skips per worker",
            cli={"action": argparse.BooleanOptionalAction}, cli_help="pass over workers that have not "
            "read what they were given (--no-skip-busy: plain push)"),
