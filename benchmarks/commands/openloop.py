@@ -182,7 +182,8 @@ def one_server(target: Target, rnd: int, args: argparse.Namespace, capacities: d
     records: list[dict[str, Any]] = []
     try:
         server.start(boot_timeout=20)
-        compare.warm_up(server, 1, compare.write_scripts(out))
+        # The warm-up's wrk scripts go with the logs: this report does not name them.
+        compare.warm_up(server, 1, compare.write_scripts(out / "logs"))
         for mix in args.mixes:
             if args.rates:
                 levels = [(None, rate) for rate in args.rates]
