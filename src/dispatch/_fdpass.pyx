@@ -536,7 +536,7 @@ cdef class Passer:
         # When every target is behind, that is load, not one blocked loop: all stay candidates.
         # What was sent less than fresh_ns ago has not had its chance to be read (the worker
         # may just be waking up): that worker still counts as reading.
-        if self.fresh_ns and clock_gettime(CLOCK_MONOTONIC, &clock) == 0:
+        if skip_busy and self.fresh_ns and clock_gettime(CLOCK_MONOTONIC, &clock) == 0:
             now = clock.tv_sec * 1000000000LL + clock.tv_nsec
         if skip_busy and n > 1:
             self.looked = True

@@ -97,11 +97,10 @@ class Dispatcher:
         self._accept_resume_at = 0.0
         self._accept_failures = 0  # in a row: the backoff grows with them
         self._listen_fds: list[int] = []
-        self._passer = None if kind is None else _fdpass.Passer(kind, _FDS_MESSAGES, self._accept_buf,
-                                                                one_per_message_below)
         self._fresh_unread = FRESH_UNREAD if self.policy.needs_loads else 0.0
-        if self._passer is not None:
-            self._passer.fresh_ns = int(self._fresh_unread * 1e9)
+        self._passer = None if kind is None else _fdpass.Passer(kind, _FDS_MESSAGES, self._accept_buf,
+                                                                one_per_message_below,
+                                                                int(self._fresh_unread * 1e9))
 
     # ------------------------------------------------------------ listeners
     def add_listener(self, sock: socket.socket) -> None:
@@ -268,8 +267,8 @@ class Dispatcher:
                         self._backpressure(worker)
                         break
                     self._sent_to(worker, chunk, now)
-                    if not worker.sent_at:
-                        worker.sent_at = time.monotonic()
+                    if not worker.unread_since:  # not watched for reclaim: dated for _reading
+                        worker.unread_since = time.monotonic()
                     self.outstanding += chunk
                     start += chunk
                     count -= chunk
@@ -384,8 +383,8 @@ class Dispatcher:
                 self._backpressure(worker)
                 continue
             worker.sent += 1
-            if not worker.sent_at:
-                worker.sent_at = time.monotonic()
+            if not worker.unread_since:
+                worker.unread_since = time.monotonic()
             self.outstanding += 1
             start += 1
             count -= 1
@@ -411,10 +410,9 @@ class Dispatcher:
             except OSError:
                 queued = False  # cannot tell: treat it as reading; a broken channel shows on send
             if not queued:
-                worker.sent_at = 0.0
                 worker.unread_since = 0.0  # read everything: what it gets next is watched afresh
                 reading.append(worker)
-            elif worker.sent_at and now - worker.sent_at < self._fresh_unread:
+            elif worker.unread_since and now - worker.unread_since < self._fresh_unread:
                 reading.append(worker)  # sent too recently to tell (as the Passer does)
             else:
                 behind.append(worker)
@@ -594,8 +592,8 @@ class Dispatcher:
         Messages are read whole (SEQPACKET), so each connection is either taken by the
         worker or taken back here, never both. Returns how many were taken back."""
         self.reclaim_due = 0.0
-        if self.stopping:
-            return 0  # taken back now they would be closed
+        if self.stopping or not self.reclaim_after:
+            return 0  # taken back now they would be closed; or this policy keeps its choice
         stuck: list[WorkerHandle] = []
         for worker in self.workers.values():
             if not worker.unread_since:

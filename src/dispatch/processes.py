@@ -28,7 +28,7 @@ class WorkerHandle:
     __slots__ = (
         "worker_id", "pid", "pidfd", "channel", "worker_end", "fd", "life", "sent", "done",
         "full", "drain_unsent", "report", "started_at", "request_limit", "capacity",
-        "max_batch", "out_of_credit", "skipped_busy", "reclaimed", "taken_back", "unread_since", "unread_seen", "sent_at",
+        "max_batch", "out_of_credit", "skipped_busy", "reclaimed", "taken_back", "unread_since", "unread_seen",
         "progress", "slot",
     )
 
@@ -56,7 +56,6 @@ class WorkerHandle:
         self.taken_back = 0  # all taken back while it lived (reclaimed, or stalled): no longer in sent
         self.unread_since = 0.0  # since when its channel holds messages it has not read; 0: none
         self.unread_seen = 0  # its unread bytes when the dispatcher last looked
-        self.sent_at = 0.0  # skip_busy, policies in Python: first send since seen with nothing unread
         self.progress = 0  # the dispatcher's stamp of its last Done: higher is more recent
         self.slot = -1  # its place among the dispatcher's targets (-1: not a target)
 
