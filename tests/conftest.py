@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 
+from tests.harness import make_harness
 from tests.helpers import ServerProcess
 
 
@@ -16,3 +20,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if server.proc.poll() is not None:
             server.remove_files()
     ServerProcess.created.clear()
+
+
+@pytest.fixture
+def harness(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``harness(**options)``: an in-process dispatch path (tests/harness.py)."""
+    yield from make_harness(monkeypatch)

@@ -11,7 +11,7 @@ from dispatch._libc cimport (
     PR_SET_PDEATHSIG, SCM_RIGHTS, SOCK_CLOEXEC, SOCK_NONBLOCK, SOL_SOCKET,
     CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_NXTHDR, CMSG_SPACE,
     accept4, clock_gettime, close, cmsghdr, errno, ioctl, iovec, msghdr, prctl, recv, recvmsg, sendmsg,
-    syscall, timespec, CLOCK_MONOTONIC,
+    syscall, timespec, CLOCK_MONOTONIC, EPOLLIN, epoll_event, epoll_wait,
 )
 
 #: The kernel refuses more descriptors than this in one SCM_RIGHTS message.
@@ -21,6 +21,8 @@ cdef enum:
     _SCM_MAX_FD = 253
     # CMSG_SPACE(253 * sizeof(int)) is 1032 bytes; words keep it aligned.
     _CONTROL_WORDS = 160
+    # Events taken from one epoll_wait by Passer.run (as the reactor takes them).
+    _RUN_EVENTS = 64
 
 #: Flags a caller may pass through (re-exported for the Python side).
 DONTWAIT = MSG_DONTWAIT
@@ -345,6 +347,15 @@ cdef class Passer:
     cdef Py_ssize_t *cand
     cdef long long *share
     cdef Py_ssize_t *order
+    # What a run (``run``) did to each target over all its passes.
+    cdef long long *run_given_
+    cdef long long *run_skips_
+    cdef char *run_cleared_  # a look saw it reading (nothing unread)
+    cdef long long *run_stamp_  # ns: its first send since the last such look (or the run's start); 0: none
+    cdef readonly Py_ssize_t accepted  # of the last pass of a run
+    cdef readonly Py_ssize_t run_passes, run_passed
+    cdef readonly int run_error  # errno of a run's accept that took nothing: the run ended there
+    cdef readonly bint unsettled  # the run's last pass left something to its caller
     cdef list messages  # kept alive: message_data points into them
     cdef const char *message_data[_SCM_MAX_FD + 1]
     cdef size_t message_size[_SCM_MAX_FD + 1]
@@ -391,6 +402,10 @@ cdef class Passer:
         free(self.cand)
         free(self.share)
         free(self.order)
+        free(self.run_given_)
+        free(self.run_skips_)
+        free(self.run_cleared_)
+        free(self.run_stamp_)
 
     cdef void _grow(self, Py_ssize_t size) except *:
         self.fd = <int *>_resized(self.fd, size * sizeof(int))
@@ -405,6 +420,10 @@ cdef class Passer:
         self.cand = <Py_ssize_t *>_resized(self.cand, size * sizeof(Py_ssize_t))
         self.share = <long long *>_resized(self.share, size * sizeof(long long))
         self.order = <Py_ssize_t *>_resized(self.order, size * sizeof(Py_ssize_t))
+        self.run_given_ = <long long *>_resized(self.run_given_, size * sizeof(long long))
+        self.run_skips_ = <long long *>_resized(self.run_skips_, size * sizeof(long long))
+        self.run_cleared_ = <char *>_resized(self.run_cleared_, size * sizeof(char))
+        self.run_stamp_ = <long long *>_resized(self.run_stamp_, size * sizeof(long long))
         self.size = size
 
     def set_targets(self, fds, loads, caps, max_batches, progress):
@@ -427,6 +446,8 @@ cdef class Passer:
             self.given_[i] = 0
             self.unread_[i] = 0
             self.passed_over[i] = 0
+            self.run_given_[i] = self.run_skips_[i] = self.run_stamp_[i] = 0
+            self.run_cleared_[i] = 0
         self.n = n
 
     cdef long long _sent_at_of(self, int fd, Py_ssize_t near) noexcept:
@@ -495,6 +516,113 @@ cdef class Passer:
         if err and n == 0:
             raise _oserror(err)
         return n
+
+    def run(self, int epfd, const int[::1] listen_fds, double timeout, Py_ssize_t room,
+            Py_ssize_t limit, bint skip_busy, long long reclaim_ns=0):
+        """Wait on the epoll ``epfd`` and, for each readable listener of ``listen_fds``,
+        accept and pass as ``accept_and_pass`` does, pass after pass without coming back
+        to Python. Returns, as ``select.epoll.poll`` would, the ready descriptors that are
+        not those listeners, as soon as there are any; or ``[]`` once ``timeout`` seconds
+        passed (negative: no limit), a signal interrupted the wait, ``room`` was spent, or a
+        pass ended short. Then ``unsettled`` says the last pass left something to the
+        caller: its ``status``, and ``buffer[passed:accepted]`` not passed; ``run_error``
+        that its accept failed and took nothing. What each target was given, passed over
+        for and seen reading over the whole run: ``run_given``, ``run_skips``, ``run_seen``.
+        With ``reclaim_ns``, the run also ends that long after a target's first send since
+        it was last seen reading (``run_seen``), so the caller can look at it in time."""
+        cdef epoll_event events[_RUN_EVENTS]
+        cdef Py_ssize_t cap = self.accepted_.shape[0] if limit > self.accepted_.shape[0] else limit
+        cdef Py_ssize_t nl = listen_fds.shape[0], i, j, k, n, passed
+        cdef const int *listeners = &listen_fds[0] if nl else NULL
+        cdef int *fds = &self.accepted_[0]
+        cdef int ready, wait_ms, err = 0, fd
+        cdef long long now = _now_ns(), deadline = -1, pass_ns
+        cdef bint ended = False
+        cdef list others = []
+        if timeout >= 0:
+            deadline = now + <long long>(timeout * 1e9)
+        self.run_passes = self.run_passed = self.accepted = self.passed = 0
+        self.run_error = 0
+        self.unsettled = False
+        self._reset()
+        for i in range(self.n):
+            self.run_given_[i] = self.run_skips_[i] = self.run_stamp_[i] = 0
+            self.run_cleared_[i] = 0
+        if cap <= 0 or self.n == 0:
+            room = 0  # nothing to pass to: listeners go back to the caller like the rest
+        while True:
+            if deadline < 0:
+                wait_ms = -1
+            elif deadline <= now:
+                wait_ms = 0
+            else:  # rounded up, as select.epoll.poll does: never wake before the deadline
+                wait_ms = <int>((deadline - now + 999999) // 1000000)
+            with nogil:
+                ready = epoll_wait(epfd, events, _RUN_EVENTS, wait_ms)
+                if ready < 0:
+                    err = errno
+            if ready < 0:
+                if err == EINTR:
+                    return others  # the caller's loop runs the signal handlers
+                raise _oserror(err)
+            for k in range(ready):
+                fd = events[k].data.fd
+                if ended or not events[k].events & EPOLLIN or not _listed(fd, listeners, nl) or room <= 0:
+                    others.append((fd, events[k].events))
+                    continue
+                with nogil:
+                    n = _accept_into(fd, fds, cap, &err)
+                    passed = 0
+                    if n:
+                        self._reset()
+                        passed = self._pass(fds, n if n <= room else room, skip_busy)
+                        pass_ns = _now_ns() if reclaim_ns else 0
+                        for i in range(self.n):
+                            if self.any_skipped and self.passed_over[i]:
+                                self.run_skips_[i] += 1
+                            if self.looked and not self.unread_[i]:
+                                self.run_cleared_[i] = 1
+                                self.run_stamp_[i] = 0
+                            if self.given_[i]:
+                                self.run_given_[i] += self.given_[i]
+                                if pass_ns and not self.run_stamp_[i]:
+                                    self.run_stamp_[i] = pass_ns
+                                    if deadline < 0 or pass_ns + reclaim_ns < deadline:
+                                        deadline = pass_ns + reclaim_ns
+                if n == 0:
+                    if err:  # nothing taken: the caller backs off
+                        self.run_error = err
+                        ended = True
+                    continue
+                self.run_passes += 1
+                self.run_passed += passed
+                self.accepted = n
+                self.passed = passed
+                room -= passed
+                if passed < n or self.status != _PASSED:
+                    self.unsettled = True
+                    ended = True
+            if others or ended or room <= 0:
+                return others
+            now = _now_ns()
+            if ready == 0 or (deadline >= 0 and now >= deadline):
+                return others
+
+    def run_given(self, Py_ssize_t slot):
+        """Connections the last ``run`` sent to ``slot``, over all its passes."""
+        return self.run_given_[slot] if 0 <= slot < self.n else 0
+
+    def run_skips(self, Py_ssize_t slot):
+        """Passes of the last ``run`` that passed ``slot`` over as busy."""
+        return self.run_skips_[slot] if 0 <= slot < self.n else 0
+
+    def run_seen(self, Py_ssize_t slot):
+        """What the last ``run`` knows of ``slot``'s reading: ``(seen, first_send_ns)``.
+        ``seen``: some pass saw it with nothing unread; ``first_send_ns``: its first send
+        after the last such look (or, if none, in the run), only with ``reclaim_ns``; 0: none."""
+        if not 0 <= slot < self.n:
+            return False, 0
+        return bool(self.run_cleared_[slot]), self.run_stamp_[slot]
 
     def pass_batch(self, int[::1] buf, Py_ssize_t start, Py_ssize_t count, bint skip_busy):
         """Send ``buf[start:start+count]`` to the targets; returns how many went: always
@@ -655,6 +783,21 @@ cdef class Passer:
         if load_a and self.progress[self.cand[a]] != self.progress[self.cand[b]]:
             return self.progress[self.cand[a]] > self.progress[self.cand[b]]
         return (a - first + m) % m < (b - first + m) % m
+
+
+cdef inline long long _now_ns() noexcept nogil:
+    cdef timespec clock
+    if clock_gettime(CLOCK_MONOTONIC, &clock) != 0:
+        return 0
+    return clock.tv_sec * 1000000000LL + clock.tv_nsec
+
+
+cdef inline bint _listed(int fd, const int *fds, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if fds[i] == fd:
+            return True
+    return False
 
 
 cdef void *_resized(void *pointer, size_t size) except NULL:

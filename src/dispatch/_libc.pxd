@@ -83,3 +83,16 @@ cdef extern from "<sys/prctl.h>" nogil:
         PR_SET_PDEATHSIG
     int prctl(int option, unsigned long arg2, unsigned long arg3,
               unsigned long arg4, unsigned long arg5)
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        unsigned int u32
+        unsigned long long u64
+    struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+    enum:
+        EPOLLIN
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)

@@ -97,6 +97,7 @@ class Dispatcher:
         self._accept_resume_at = 0.0
         self._accept_failures = 0  # in a row: the backoff grows with them
         self._listen_fds: list[int] = []
+        self._listen_array = array.array("i")  # the same, for the Passer's run
         self._fresh_unread = FRESH_UNREAD if self.policy.needs_loads else 0.0
         self._passer = None if kind is None else _fdpass.Passer(kind, _FDS_MESSAGES, self._accept_buf,
                                                                 one_per_message_below,
@@ -107,6 +108,7 @@ class Dispatcher:
         """Accept on ``sock`` too: at once if the others are accepting, else when they do."""
         fd = sock.fileno()
         self._listen_fds.append(fd)
+        self._listen_array.append(fd)
         self.reactor.register(fd, IN if self.accepting else 0, self._make_acceptor(fd))
 
     def _make_acceptor(self, listen_fd: int) -> Callable[[int], None]:
@@ -190,6 +192,7 @@ class Dispatcher:
                 self.pending.extend(self._accept_buf[:count])
             self.reactor.unregister(fd)
         self._listen_fds.clear()
+        del self._listen_array[:]
 
     # ------------------------------------------------------------ the periodic part
     def tick(self, now: float, reserve: int) -> None:
@@ -307,6 +310,13 @@ class Dispatcher:
         if passed:
             self.outstanding += passed
             self._credit_sent(targets, passed)
+        return self._after_pass(targets, passed, left)
+
+    def _after_pass(self, targets: list[WorkerHandle], passed: int, left: int) -> bool:
+        """What stopped the Passer's last pass (``passed`` went, ``left`` did not), once its
+        sends are credited; True if what is left may be tried again now."""
+        passer = self._passer
+        assert passer is not None
         status = passer.status
         if status == _fdpass.PASSED:
             # All that had room went; if the in-flight budget ran out, the next try stops accepting.
@@ -323,6 +333,53 @@ class Dispatcher:
             return False
         self.channel_broken(worker, f"cannot pass connections: {os.strerror(passer.error)}")
         return True
+
+    # ------------------------------------------------------------ the listeners' fast path
+    def poll(self, epfd: int, timeout: float) -> list[tuple[int, int]] | None:
+        """Wait for events as the reactor would (``epfd`` is its epoll), the listeners'
+        handled in C (``Passer.run``) pass after pass while nothing else happens; returns
+        the other events for the reactor's callbacks, or None when the fast path does not
+        apply now (no Passer, not accepting, something pending): then the reactor polls."""
+        passer = self._passer
+        room = self.budget - self.outstanding
+        if passer is None or not self.accepting or room <= 0 or not self.targets or self.pending:
+            return None
+        targets = self.targets
+        reclaim_ns = int(self.reclaim_after * 1e9) if len(targets) > 1 else 0
+        events: list[tuple[int, int]] = passer.run(epfd, self._listen_array, timeout, room,
+                                                   self._accept_limit, self.skip_busy, reclaim_ns)
+        if passer.run_passes:
+            self._accept_failures = 0
+            self._credit_run(targets)
+        if passer.run_error:
+            self._accept_failed(OSError(passer.run_error, os.strerror(passer.run_error)))
+        elif passer.unsettled:
+            buf = self._accept_buf
+            start, left = passer.passed, passer.accepted - passer.passed
+            if self._after_pass(targets, start, left):
+                start, left = self.dispatch(buf, start, left)
+            self._keep(buf, start, left)
+        return events
+
+    def _credit_run(self, targets: list[WorkerHandle]) -> None:
+        """A run's passes on the workers' counters, as ``_settle`` credits one pass."""
+        passer = self._passer
+        assert passer is not None
+        self.outstanding += passer.run_passed
+        watch = bool(self.reclaim_after) and len(targets) > 1
+        for slot, worker in enumerate(targets):
+            skips = passer.run_skips(slot)
+            if skips:
+                worker.skipped_busy += skips
+                self.counters.skipped_busy += skips
+            seen, first_send = passer.run_seen(slot)
+            if seen:
+                worker.unread_since = 0.0  # it read everything: watched afresh from its next send
+            if watch and first_send and not worker.unread_since:
+                self._watch_unread(worker, first_send / 1e9)
+            given = passer.run_given(slot)
+            if given:
+                self._sent_to(worker, given, 0.0)
 
     def _credit_sent(self, targets: list[WorkerHandle], passed: int) -> None:
         """What the Passer sent, on each worker's own counters."""

@@ -27,6 +27,9 @@ OUT = select.EPOLLOUT
 ERR = select.EPOLLERR | select.EPOLLHUP
 
 Callback = Callable[[int], None]
+#: ``poller(epoll_fd, timeout)``: the events a fast path left to the callbacks, or None
+#: when it does not apply now (then the reactor polls itself).
+Poller = Callable[[int, float], "list[tuple[int, int]] | None"]
 #: Events taken from one epoll_wait (the rest come on the next): a small buffer per poll
 #: instead of select.epoll's default of 1,023 entries.
 _MAX_EVENTS = 64
@@ -44,6 +47,7 @@ class Reactor:
         self._on_requests: Callable[[list[object]], None] | None = None
         self._saved_signals: dict[int, Any] = {}
         self._saved_wakeup_fd: int | None = None
+        self._poller: Poller | None = None
         self.register(self._wake_r, IN, self._on_wakeup)
 
     # ------------------------------------------------------------ descriptors
@@ -78,12 +82,26 @@ class Reactor:
         return [self._epoll.fileno(), self._wake_r, self._wake_w]
 
     # ------------------------------------------------------------ running
+    def set_poller(self, poller: Poller | None) -> None:
+        """Let ``poller`` wait on our epoll instead of us, handling some events itself (the
+        dispatcher's listeners, in C) and leaving the rest to the callbacks."""
+        self._poller = poller
+
     def poll(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds and run the callbacks of what is ready. A
         callback that raises is logged and the loop goes on: a bug in one handler must
         not take every worker down with it."""
         callbacks = self._callbacks
-        for fd, events in self._epoll.poll(timeout, _MAX_EVENTS):
+        ready = None
+        if self._poller is not None:
+            try:
+                ready = self._poller(self._epoll.fileno(), timeout)
+            except Exception:
+                self._failures.error("poller", "the fast path of the primary failed", exc_info=True)
+                return
+        if ready is None:
+            ready = self._epoll.poll(timeout, _MAX_EVENTS)
+        for fd, events in ready:
             callback = callbacks.get(fd)
             if callback is not None:
                 try:

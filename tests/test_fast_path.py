@@ -1,0 +1,112 @@
+"""The dispatcher's fast path (``Dispatcher.poll``): the reactor's waits, with the
+listeners read in C, and everything a pass did credited as the callback would.
+
+In process, as tests/test_dispatcher.py: real listeners, real client connections,
+real channels, no fork.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from dispatch import _fdpass, protocol
+from tests.harness import Harness
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        sock.setblocking(False)
+        yield sock
+
+
+@pytest.fixture
+def clients(listener: socket.socket) -> Iterator[Any]:
+    made: list[socket.socket] = []
+
+    def connect(count: int) -> None:
+        made.extend(socket.create_connection(listener.getsockname(), timeout=5) for _ in range(count))
+        time.sleep(0.02)  # the handshakes complete in the kernel
+
+    yield connect
+    for sock in made:
+        sock.close()
+
+
+def fast(h: Harness, listener: socket.socket) -> Harness:
+    h.dispatcher.add_listener(listener)
+    h.reactor.set_poller(h.dispatcher.poll)
+    return h
+
+
+def test_connections_go_through_the_fast_path_and_are_credited(harness: Any, listener: Any, clients: Any) -> None:
+    h = fast(harness(), listener)
+    a, b = h.worker(0), h.worker(1)
+    clients(6)
+    h.reactor.poll(0.1)
+    assert h.dispatcher._passer.run_passes >= 1  # the listener was read in C, not by its callback
+    assert (a.sent, b.sent, h.dispatcher.outstanding) == (3, 3, 6)
+    assert (h.received(a), h.received(b)) == (3, 3)
+    h.from_worker(a, protocol.Done(3))
+    h.reactor.poll(0.01)  # the channel's message goes to its callback as before
+    assert (a.done, h.dispatcher.outstanding) == (3, 3)
+
+
+def test_skips_and_the_watch_for_reclaim_are_kept_as_the_callback_keeps_them(harness: Any, listener: Any,
+                                                                             clients: Any) -> None:
+    h = fast(harness(balance="least-connections", reclaim_after=0.05), listener)
+    a, b = h.worker(0), h.worker(1)
+    _fdpass.send_fds(a.fd, array.array("i"), data=protocol.encode_fds(0))  # a is behind
+    clients(1)
+    before = time.monotonic()
+    h.reactor.poll(0.02)
+    assert (a.sent, b.sent) == (0, 1)
+    assert (a.skipped_busy, b.skipped_busy, h.server.counters.skipped_busy) == (1, 0, 1)
+    assert before <= b.unread_since <= time.monotonic()  # dated from its send, as _sent_to dates it
+    assert h.dispatcher.reclaim_due == pytest.approx(b.unread_since + 0.05)
+    assert a.unread_since == 0.0
+
+
+def test_what_the_budget_has_no_room_for_waits_and_accepting_stops(harness: Any, listener: Any,
+                                                                    clients: Any) -> None:
+    h = fast(harness(), listener)
+    a, b = h.worker(0), h.worker(1)
+    h.dispatcher.budget = 2
+    h.dispatcher.update_accepting()
+    clients(5)
+    h.reactor.poll(0.1)
+    assert h.dispatcher.outstanding == 2 and len(h.dispatcher.pending) == 3
+    assert not h.dispatcher.accepting
+    assert h.dispatcher.poll(h.reactor._epoll.fileno(), 0.0) is None  # waiting connections: the slow path
+    assert h.received(a) + h.received(b) == 2
+
+
+def test_a_full_channel_in_a_run_is_backpressure_and_the_rest_goes_on(harness: Any, listener: Any,
+                                                                      clients: Any) -> None:
+    h = fast(harness(), listener)
+    a, b = h.worker(0), h.worker(1)
+    h.dispatcher._passer.fail_sends(1, errno.EAGAIN)  # the first send finds worker 0's channel full
+    clients(4)
+    h.reactor.poll(0.1)
+    assert a.full and a not in h.dispatcher.targets
+    assert (h.received(a), h.received(b)) == (0, 4)
+    assert (a.sent, b.sent, h.dispatcher.outstanding, len(h.dispatcher.pending)) == (0, 4, 4, 0)
+
+
+def test_an_accept_error_in_a_run_backs_off(harness: Any) -> None:
+    h = harness()
+    h.worker(0)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:  # readable, and accept fails
+        udp.bind(("127.0.0.1", 0))
+        udp.sendto(b"x", udp.getsockname())
+        fast(h, udp)
+        h.reactor.poll(0.1)
+        assert h.server.counters.accept_errors == 1
+        assert not h.dispatcher.accepting and h.dispatcher._accept_resume_at > 0
