@@ -42,7 +42,7 @@ def clients(listener: socket.socket) -> Iterator[Any]:
 
 def fast(h: Harness, listener: socket.socket) -> Harness:
     h.dispatcher.add_listener(listener)
-    h.reactor.set_poller(h.dispatcher.poll)
+    h.reactor.set_poller(h.fleet.poll)  # as the primary sets it
     return h
 
 
@@ -55,7 +55,7 @@ def test_connections_go_through_the_fast_path_and_are_credited(harness: Any, lis
     assert (a.sent, b.sent, h.dispatcher.outstanding) == (3, 3, 6)
     assert (h.received(a), h.received(b)) == (3, 3)
     h.from_worker(a, protocol.Done(3))
-    h.reactor.poll(0.01)  # the channel's message goes to its callback as before
+    h.reactor.poll(0.01)  # read in C too
     assert (a.done, h.dispatcher.outstanding) == (3, 3)
 
 
@@ -110,3 +110,55 @@ def test_an_accept_error_in_a_run_backs_off(harness: Any) -> None:
         h.reactor.poll(0.1)
         assert h.server.counters.accept_errors == 1
         assert not h.dispatcher.accepting and h.dispatcher._accept_resume_at > 0
+
+
+def test_done_messages_are_read_in_the_run_and_credited_like_the_callback_does(harness: Any, listener: Any,
+                                                                              clients: Any,
+                                                                              monkeypatch: Any) -> None:
+    h = fast(harness(balance="least-connections"), listener)
+    a, b = h.worker(0), h.worker(1)
+    heard: list[int] = []
+    monkeypatch.setattr(h.server.supervisor, "heard_from", lambda pid, now: heard.append(pid) or [])
+    callback_reads: list[int] = []
+    monkeypatch.setattr(h.fleet, "_on_channel", lambda worker, events: callback_reads.append(worker.pid))
+    clients(4)
+    h.reactor.poll(0.05)
+    assert (a.sent, b.sent) == (2, 2)
+    h.from_worker(a, protocol.Done(1))
+    h.from_worker(a, protocol.Done(9))  # more than it holds: clamped, as on_done clamps
+    h.from_worker(b, protocol.Done(1))
+    h.reactor.poll(0.05)
+    assert (a.done, b.done, h.dispatcher.outstanding) == (2, 1, 1)
+    assert callback_reads == [] and sorted(heard) == sorted([a.pid, b.pid])
+    # Least-connections sees the loads and the stamps: the next one goes to a (0 held).
+    assert a.progress != b.progress and h.dispatcher._progress == max(a.progress, b.progress)
+    clients(1)
+    h.reactor.poll(0.05)
+    assert (a.sent, b.sent) == (3, 2)
+
+
+def test_any_other_message_read_in_a_run_is_handled_before_the_rest_of_its_channel(harness: Any, listener: Any,
+                                                                                    clients: Any) -> None:
+    h = fast(harness(balance="least-connections"), listener)
+    a, _ = h.worker(0), h.worker(1)
+    clients(2)
+    h.reactor.poll(0.05)
+    h.from_worker(a, protocol.Done(1))
+    h.from_worker(a, protocol.Heartbeat(active=0, total=7, rss=1 << 20, cpu_ms=5))
+    h.from_worker(a, protocol.Done(0))
+    h.reactor.poll(0.05)  # the run reads Done(1), stops at the heartbeat; the callback reads the rest
+    assert a.done == 1 and a.report is not None and a.report.total == 7
+    assert _fdpass.unread_bytes(h.ends[a.pid].fileno()) == 0 and h.dispatcher.outstanding == 1
+
+
+def test_a_message_that_breaks_the_protocol_in_a_run_retires_the_worker(harness: Any, listener: Any) -> None:
+    h = fast(harness(), listener)
+    a, _ = h.worker(0), h.worker(1)
+    h.from_worker(a, b"\x63\x01garbage")
+    h.reactor.poll(0.05)
+    assert a not in h.dispatcher.targets and h.killed == [a.pid]
+
+
+def test_the_done_the_run_reads_is_the_protocol_s_done() -> None:
+    for count in (0, 1, 300, 2**32 - 1):
+        assert protocol.encode(protocol.Done(count)) == protocol.DONE_PREFIX + count.to_bytes(4, "big")

@@ -1,7 +1,7 @@
 # The hot path: accept connections in batches and move file descriptors
 # between processes with SCM_RIGHTS. Every syscall runs without the GIL, no
 # Python object is made per connection, and errors become OSError(errno).
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from libc.stdlib cimport malloc, free, realloc
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 
@@ -353,8 +353,13 @@ cdef class Passer:
     cdef char *run_cleared_  # a look saw it reading (nothing unread)
     cdef long long *run_stamp_  # ns: its first send since the last such look (or the run's start); 0: none
     cdef readonly Py_ssize_t accepted  # of the last pass of a run
-    cdef readonly Py_ssize_t run_passes, run_passed
+    cdef readonly Py_ssize_t run_passes, run_passed, run_freed
+    cdef long long *run_done_  # connections it reported done, read in the run
     cdef readonly int run_error  # errno of a run's accept that took nothing: the run ended there
+    cdef readonly long long stamp  # the progress stamp of the last Done read in a run
+    cdef readonly list strays  # (fd, message): what a run read from a channel that was not a Done
+    cdef char done_prefix[8]
+    cdef Py_ssize_t done_size  # 0: a run leaves the channels to the caller
     cdef readonly bint unsettled  # the run's last pass left something to its caller
     cdef list messages  # kept alive: message_data points into them
     cdef const char *message_data[_SCM_MAX_FD + 1]
@@ -387,6 +392,7 @@ cdef class Passer:
         self.one_per_message_below = one_per_message_below
         self.fresh_ns = fresh_ns
         self.n = self.size = 0
+        self.strays = []
         self._grow(4)
 
     def __dealloc__(self):
@@ -406,6 +412,7 @@ cdef class Passer:
         free(self.run_skips_)
         free(self.run_cleared_)
         free(self.run_stamp_)
+        free(self.run_done_)
 
     cdef void _grow(self, Py_ssize_t size) except *:
         self.fd = <int *>_resized(self.fd, size * sizeof(int))
@@ -424,6 +431,7 @@ cdef class Passer:
         self.run_skips_ = <long long *>_resized(self.run_skips_, size * sizeof(long long))
         self.run_cleared_ = <char *>_resized(self.run_cleared_, size * sizeof(char))
         self.run_stamp_ = <long long *>_resized(self.run_stamp_, size * sizeof(long long))
+        self.run_done_ = <long long *>_resized(self.run_done_, size * sizeof(long long))
         self.size = size
 
     def set_targets(self, fds, loads, caps, max_batches, progress):
@@ -446,7 +454,7 @@ cdef class Passer:
             self.given_[i] = 0
             self.unread_[i] = 0
             self.passed_over[i] = 0
-            self.run_given_[i] = self.run_skips_[i] = self.run_stamp_[i] = 0
+            self.run_given_[i] = self.run_skips_[i] = self.run_stamp_[i] = self.run_done_[i] = 0
             self.run_cleared_[i] = 0
         self.n = n
 
@@ -459,6 +467,15 @@ cdef class Passer:
             if self.fd[j] == fd:
                 return self.sent_at[j]
         return 0
+
+    def read_done(self, bytes prefix):
+        """Let ``run`` read the targets' channels itself: a message of ``prefix`` and a
+        32-bit big-endian count is a Done, credited in C (``run_done``); any other message
+        ends that channel's turn and goes to ``strays``."""
+        if not 0 < len(prefix) <= 8:
+            raise ValueError("a Done prefix of 1 to 8 bytes")
+        memcpy(self.done_prefix, <const char *>prefix, len(prefix))
+        self.done_size = len(prefix) + 4
 
     def done(self, Py_ssize_t slot, long long count, long long stamp):
         """Target ``slot`` reported ``count`` connections done (progress ``stamp``)."""
@@ -518,7 +535,7 @@ cdef class Passer:
         return n
 
     def run(self, int epfd, const int[::1] listen_fds, double timeout, Py_ssize_t room,
-            Py_ssize_t limit, bint skip_busy, long long reclaim_ns=0):
+            Py_ssize_t limit, bint skip_busy, long long reclaim_ns=0, long long stamp=0):
         """Wait on the epoll ``epfd`` and, for each readable listener of ``listen_fds``,
         accept and pass as ``accept_and_pass`` does, pass after pass without coming back
         to Python. Returns, as ``select.epoll.poll`` would, the ready descriptors that are
@@ -529,7 +546,11 @@ cdef class Passer:
         that its accept failed and took nothing. What each target was given, passed over
         for and seen reading over the whole run: ``run_given``, ``run_skips``, ``run_seen``.
         With ``reclaim_ns``, the run also ends that long after a target's first send since
-        it was last seen reading (``run_seen``), so the caller can look at it in time."""
+        it was last seen reading (``run_seen``), so the caller can look at it in time.
+        With ``read_done``, a target's channel that is readable is read here too: its Done
+        messages credited (``run_done``; each pass that read some stamps the target's
+        progress with the next of ``stamp``, the last one in ``stamp``), anything else left
+        in ``strays`` and its event returned."""
         cdef epoll_event events[_RUN_EVENTS]
         cdef Py_ssize_t cap = self.accepted_.shape[0] if limit > self.accepted_.shape[0] else limit
         cdef Py_ssize_t nl = listen_fds.shape[0], i, j, k, n, passed
@@ -539,14 +560,17 @@ cdef class Passer:
         cdef long long now = _now_ns(), deadline = -1, pass_ns
         cdef bint ended = False
         cdef list others = []
+        cdef Py_ssize_t slot, freed
+        self.strays = []
+        self.stamp = stamp
         if timeout >= 0:
             deadline = now + <long long>(timeout * 1e9)
-        self.run_passes = self.run_passed = self.accepted = self.passed = 0
+        self.run_passes = self.run_passed = self.run_freed = self.accepted = self.passed = 0
         self.run_error = 0
         self.unsettled = False
         self._reset()
         for i in range(self.n):
-            self.run_given_[i] = self.run_skips_[i] = self.run_stamp_[i] = 0
+            self.run_given_[i] = self.run_skips_[i] = self.run_stamp_[i] = self.run_done_[i] = 0
             self.run_cleared_[i] = 0
         if cap <= 0 or self.n == 0:
             room = 0  # nothing to pass to: listeners go back to the caller like the rest
@@ -567,6 +591,14 @@ cdef class Passer:
                 raise _oserror(err)
             for k in range(ready):
                 fd = events[k].data.fd
+                if not ended and self.done_size and events[k].events == EPOLLIN:
+                    slot = self._slot_of(fd)
+                    if slot >= 0:
+                        freed = self.run_freed
+                        if not self._read_channel(slot):
+                            others.append((fd, events[k].events))
+                        room += self.run_freed - freed
+                        continue
                 if ended or not events[k].events & EPOLLIN or not _listed(fd, listeners, nl) or room <= 0:
                     others.append((fd, events[k].events))
                     continue
@@ -607,6 +639,61 @@ cdef class Passer:
             now = _now_ns()
             if ready == 0 or (deadline >= 0 and now >= deadline):
                 return others
+
+    cdef Py_ssize_t _slot_of(self, int fd) noexcept:
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            if self.fd[i] == fd:
+                return i
+        return -1
+
+    cdef bint _read_channel(self, Py_ssize_t slot) except *:
+        """Read ``slot``'s channel as the primary's channel callback does: Done messages
+        credited; True when it said EAGAIN with nothing else read (the caller need not see it)."""
+        cdef char buf[64]
+        cdef ssize_t rc
+        cdef int err
+        cdef long long count, got = 0
+        cdef const unsigned char *body
+        cdef Py_ssize_t m
+        cdef bint handled = True
+        for m in range(64):  # as many as the callback reads in one pass; the rest waits
+            with nogil:
+                rc = recv(self.fd[slot], buf, sizeof(buf), MSG_DONTWAIT)
+                err = errno if rc < 0 else 0
+            if rc < 0 and err == EINTR:
+                continue
+            if rc < 0 and err == EAGAIN:
+                break
+            if rc <= 0:  # end of stream or an error: the callback (and the pidfd) will tell
+                handled = False
+                break
+            if rc == self.done_size and memcmp(buf, self.done_prefix, rc - 4) == 0:
+                body = <const unsigned char *>buf + rc - 4
+                count = (<long long>body[0] << 24) | (body[1] << 16) | (body[2] << 8) | body[3]
+                if count > self.load[slot]:
+                    count = self.load[slot]  # never more than was sent: a lying worker skews nothing
+                if count > 0:
+                    self.load[slot] -= count
+                    self.run_done_[slot] += count
+                    got += count
+                continue
+            self.strays.append((self.fd[slot], buf[:rc]))
+            handled = False
+            break
+        if got:
+            self.stamp += 1
+            self.progress[slot] = self.stamp
+            self.run_freed += got
+        return handled
+
+    def progress_of(self, Py_ssize_t slot):
+        """The progress stamp of ``slot``'s last Done (``done``, or read by ``run``)."""
+        return self.progress[slot] if 0 <= slot < self.n else 0
+
+    def run_done(self, Py_ssize_t slot):
+        """Connections ``slot`` reported done in the last ``run`` (Done messages read there)."""
+        return self.run_done_[slot] if 0 <= slot < self.n else 0
 
     def run_given(self, Py_ssize_t slot):
         """Connections the last ``run`` sent to ``slot``, over all its passes."""

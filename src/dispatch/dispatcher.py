@@ -98,10 +98,16 @@ class Dispatcher:
         self._accept_failures = 0  # in a row: the backoff grows with them
         self._listen_fds: list[int] = []
         self._listen_array = array.array("i")  # the same, for the Passer's run
+        # What the last fast-path run read from the targets' channels, for the fleet: who
+        # reported Done, and the messages that were not a Done (``poll``).
+        self.reported: list[WorkerHandle] = []
+        self.strays: list[tuple[WorkerHandle, bytes]] = []
         self._fresh_unread = FRESH_UNREAD if self.policy.needs_loads else 0.0
         self._passer = None if kind is None else _fdpass.Passer(kind, _FDS_MESSAGES, self._accept_buf,
                                                                 one_per_message_below,
                                                                 int(self._fresh_unread * 1e9))
+        if self._passer is not None:
+            self._passer.read_done(protocol.DONE_PREFIX)
 
     # ------------------------------------------------------------ listeners
     def add_listener(self, sock: socket.socket) -> None:
@@ -347,10 +353,13 @@ class Dispatcher:
         targets = self.targets
         reclaim_ns = int(self.reclaim_after * 1e9) if len(targets) > 1 else 0
         events: list[tuple[int, int]] = passer.run(epfd, self._listen_array, timeout, room,
-                                                   self._accept_limit, self.skip_busy, reclaim_ns)
+                                                   self._accept_limit, self.skip_busy, reclaim_ns,
+                                                   self._progress)
         if passer.run_passes:
             self._accept_failures = 0
             self._credit_run(targets)
+        self.reported = self._credit_done(targets) if passer.run_freed else []
+        self.strays = self._strays(targets) if passer.strays else []
         if passer.run_error:
             self._accept_failed(OSError(passer.run_error, os.strerror(passer.run_error)))
         elif passer.unsettled:
@@ -360,6 +369,29 @@ class Dispatcher:
                 start, left = self.dispatch(buf, start, left)
             self._keep(buf, start, left)
         return events
+
+    def _credit_done(self, targets: list[WorkerHandle]) -> list[WorkerHandle]:
+        """The Done messages a run read, on the workers' counters (the Passer's loads and
+        stamps have them already); returns who sent them."""
+        passer = self._passer
+        assert passer is not None
+        reported = []
+        for slot, worker in enumerate(targets):
+            count = passer.run_done(slot)
+            if count:
+                worker.done += count
+                worker.progress = passer.progress_of(slot)
+                reported.append(worker)
+        self.outstanding -= passer.run_freed
+        self._progress = passer.stamp
+        return reported
+
+    def _strays(self, targets: list[WorkerHandle]) -> list[tuple[WorkerHandle, bytes]]:
+        """The messages a run read that were not a Done, with who sent them."""
+        passer = self._passer
+        assert passer is not None
+        by_fd = {worker.fd: worker for worker in targets}
+        return [(by_fd[fd], data) for fd, data in passer.strays if fd in by_fd]
 
     def _credit_run(self, targets: list[WorkerHandle]) -> None:
         """A run's passes on the workers' counters, as ``_settle`` credits one pass."""

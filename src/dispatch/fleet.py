@@ -156,17 +156,39 @@ class Fleet:
                 if count is not None:
                     done += count
                     continue
-                try:
-                    message = protocol.decode_from(data, protocol.TO_PRIMARY)
-                except protocol.ProtocolError as exc:
-                    self._channel_broken(worker, f"it broke the protocol ({exc})")
+                if not self._on_datagram(worker, data, now):
                     return
-                self._on_message(worker, message, now)
-                if self.workers.get(worker.pid) is not worker:
-                    return  # replaced or gone while handling a message
         finally:
             if done and self.workers.get(worker.pid) is worker:
                 self._on_done(worker, done, now)
+
+    def _on_datagram(self, worker: WorkerHandle, data: bytes, now: float) -> bool:
+        """One message from ``worker`` other than a plain Done; False when its channel must
+        not be read any further now (it broke the protocol, or is gone)."""
+        try:
+            message = protocol.decode_from(data, protocol.TO_PRIMARY)
+        except protocol.ProtocolError as exc:
+            self._channel_broken(worker, f"it broke the protocol ({exc})")
+            return False
+        self._on_message(worker, message, now)
+        return self.workers.get(worker.pid) is worker  # replaced or gone while handling it
+
+    def poll(self, epfd: int, timeout: float) -> list[tuple[int, int]] | None:
+        """The reactor's wait through the dispatcher's fast path (``Dispatcher.poll``), with
+        what it read from the targets' channels handled here: who reported Done is alive,
+        and any other message it read is handled before the rest of that channel."""
+        dispatcher = self.dispatcher
+        events = dispatcher.poll(epfd, timeout) if dispatcher is not None else None
+        if events is None or dispatcher is None:
+            return events
+        if dispatcher.reported or dispatcher.strays:
+            now = time.monotonic()
+            for worker in dispatcher.reported:
+                self._apply(self.supervisor.heard_from(worker.pid, now))
+            for worker, data in dispatcher.strays:
+                if self.workers.get(worker.pid) is worker:
+                    self._on_datagram(worker, data, now)
+        return events
 
     def _on_done(self, worker: WorkerHandle, count: int, now: float) -> None:
         self._apply(self.supervisor.heard_from(worker.pid, now))

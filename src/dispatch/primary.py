@@ -202,7 +202,7 @@ class Server:
                                           self.config.reclaim_after if self.config.skip_busy else 0.0,
                                           self.config.one_per_message_below)
             self._fleet.dispatcher = self._dispatcher
-            reactor.set_poller(self._dispatcher.poll)  # the listeners are read in C
+            reactor.set_poller(self._fleet.poll)  # the listeners and Done messages are read in C
             if self._successor is None:  # a successor accepts once it has told the old primary
                 for sock in self.listeners:
                     self._dispatcher.add_listener(sock)

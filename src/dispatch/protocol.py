@@ -147,7 +147,8 @@ def decode_from(datagram: bytes, allowed: tuple[type, ...]) -> Message:
     return message
 
 
-_DONE_PREFIX = _HEADER.pack(VERSION, Done.TYPE)
+#: The bytes a Done starts with; a 32-bit big-endian count follows (read in C by the primary).
+DONE_PREFIX = _HEADER.pack(VERSION, Done.TYPE)
 _DONE_SIZE = _HEADER.size + Done.BODY.size
 _DONE_COUNT = struct.Struct("!I")
 
@@ -157,7 +158,7 @@ def done_count(datagram: bytes) -> int | None:
 
     The primary's most frequent message, read without building an object.
     """
-    if len(datagram) == _DONE_SIZE and datagram.startswith(_DONE_PREFIX):
+    if len(datagram) == _DONE_SIZE and datagram.startswith(DONE_PREFIX):
         count: int = _DONE_COUNT.unpack_from(datagram, _HEADER.size)[0]
         return count
     return None
