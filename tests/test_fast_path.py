@@ -162,3 +162,22 @@ def test_a_message_that_breaks_the_protocol_in_a_run_retires_the_worker(harness:
 def test_the_done_the_run_reads_is_the_protocol_s_done() -> None:
     for count in (0, 1, 300, 2**32 - 1):
         assert protocol.encode(protocol.Done(count)) == protocol.DONE_PREFIX + count.to_bytes(4, "big")
+
+
+def test_reclaim_s_watch_runs_in_c_while_every_worker_is_behind(harness: Any, listener: Any,
+                                                                 clients: Any) -> None:
+    h = fast(harness(balance="least-connections", reclaim_after=0.03), listener)
+    a, b = h.worker(0), h.worker(1)
+    for worker in (a, b):  # neither reads
+        _fdpass.send_fds(worker.fd, array.array("i"), data=protocol.encode_fds(0))
+    clients(2)
+    h.reactor.poll(0.05)
+    assert (a.sent, b.sent) == (1, 1) and h.dispatcher.reclaim_due
+    watched_from = min(a.unread_since, b.unread_since)
+    h.dispatcher.tick_due = time.monotonic() + 0.2
+    h.reactor.poll(0.03)  # the server's loop would wake for reclaim; the run looks itself
+    assert time.monotonic() >= h.dispatcher.tick_due - 0.01
+    # As reclaim re-arms its watches when nobody could take anything: from the last look on.
+    assert a.unread_since > watched_from and b.unread_since > watched_from
+    assert h.dispatcher.reclaim_due > time.monotonic() - 0.03
+    assert h.dispatcher.reclaim(h.dispatcher.reclaim_due) == 0  # still nothing to take back

@@ -47,9 +47,9 @@ class Rig:
         time.sleep(0.02)  # the handshakes complete in the kernel
 
     def run(self, timeout: float, room: int = 10_000, skip_busy: bool = False,
-            reclaim_ns: int = 0) -> list[tuple[int, int]]:
+            reclaim_ns: int = 0, watch_due: int = 0) -> list[tuple[int, int]]:
         return self.passer.run(self.epoll.fileno(), self.listen_fds, timeout, room, ACCEPT_LIMIT,
-                               skip_busy, reclaim_ns)
+                               skip_busy, reclaim_ns, 0, watch_due)
 
     def received(self) -> list[int]:
         return [sum(self.channels.received(i)) for i in range(len(self.channels.ours))]
@@ -202,3 +202,32 @@ def test_a_signal_ends_the_run_so_its_handler_runs(rig: type[Rig]) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert caught == [signal.SIGALRM]
+
+
+def test_while_every_target_is_behind_a_watch_does_not_end_the_run(rig: type[Rig]) -> None:
+    r = rig(2)
+    for fd in r.channels.fds:  # neither worker reads: that is load, nothing to take back
+        _fdpass.send_fds(fd, array.array("i"), data=MESSAGES[0])
+    r.connect(1)
+    started = time.monotonic()
+    assert r.run(0.3, skip_busy=True, reclaim_ns=30_000_000) == []
+    p = r.passer
+    assert time.monotonic() - started >= 0.25  # it looked every 30 ms and went on
+    assert started * 1e9 < p.all_behind < p.watch_due <= p.all_behind + 30_000_000
+    assert p.run_passed == 1
+
+
+def test_a_watch_ends_the_run_once_some_target_has_read_everything(rig: type[Rig]) -> None:
+    r = rig(2)
+    for fd in r.channels.fds:
+        _fdpass.send_fds(fd, array.array("i"), data=MESSAGES[0])
+    reads = threading.Timer(0.1, r.channels.received, (1,))  # worker 1 catches up
+    started = time.monotonic()
+    reads.start()
+    try:
+        assert r.run(5.0, skip_busy=True, reclaim_ns=30_000_000,
+                     watch_due=time.monotonic_ns() + 30_000_000) == []
+    finally:
+        reads.join()
+    assert 0.1 <= time.monotonic() - started < 1.0
+    assert r.passer.all_behind  # it had looked before and found both behind

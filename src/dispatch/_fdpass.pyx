@@ -357,6 +357,8 @@ cdef class Passer:
     cdef long long *run_done_  # connections it reported done, read in the run
     cdef readonly int run_error  # errno of a run's accept that took nothing: the run ended there
     cdef readonly long long stamp  # the progress stamp of the last Done read in a run
+    cdef readonly long long all_behind  # ns: a run's last look at a watch deadline found every target behind
+    cdef readonly long long watch_due  # ns: when the last run would have looked next (0: none)
     cdef readonly list strays  # (fd, message): what a run read from a channel that was not a Done
     cdef char done_prefix[8]
     cdef Py_ssize_t done_size  # 0: a run leaves the channels to the caller
@@ -535,7 +537,8 @@ cdef class Passer:
         return n
 
     def run(self, int epfd, const int[::1] listen_fds, double timeout, Py_ssize_t room,
-            Py_ssize_t limit, bint skip_busy, long long reclaim_ns=0, long long stamp=0):
+            Py_ssize_t limit, bint skip_busy, long long reclaim_ns=0, long long stamp=0,
+            long long watch_due=0):
         """Wait on the epoll ``epfd`` and, for each readable listener of ``listen_fds``,
         accept and pass as ``accept_and_pass`` does, pass after pass without coming back
         to Python. Returns, as ``select.epoll.poll`` would, the ready descriptors that are
@@ -545,8 +548,12 @@ cdef class Passer:
         caller: its ``status``, and ``buffer[passed:accepted]`` not passed; ``run_error``
         that its accept failed and took nothing. What each target was given, passed over
         for and seen reading over the whole run: ``run_given``, ``run_skips``, ``run_seen``.
-        With ``reclaim_ns``, the run also ends that long after a target's first send since
-        it was last seen reading (``run_seen``), so the caller can look at it in time.
+        With ``reclaim_ns``, the caller watches unread channels (reclaim): at ``watch_due``
+        (ns, 0: none) and ``reclaim_ns`` after a target's first send since it was last seen
+        reading (``run_seen``), the run ends if some target has read everything, so the
+        caller can look in time; while every target is behind, nothing could be taken back
+        (that is load): the run goes on and looks again ``reclaim_ns`` later
+        (``all_behind``: when it last found so; ``watch_due``: when it would look next).
         With ``read_done``, a target's channel that is readable is read here too: its Done
         messages credited (``run_done``; each pass that read some stamps the target's
         progress with the next of ``stamp``, the last one in ``stamp``), anything else left
@@ -557,7 +564,7 @@ cdef class Passer:
         cdef const int *listeners = &listen_fds[0] if nl else NULL
         cdef int *fds = &self.accepted_[0]
         cdef int ready, wait_ms, err = 0, fd
-        cdef long long now = _now_ns(), deadline = -1, pass_ns
+        cdef long long now = _now_ns(), deadline = -1, pass_ns, wake
         cdef bint ended = False
         cdef list others = []
         cdef Py_ssize_t slot, freed
@@ -567,6 +574,7 @@ cdef class Passer:
             deadline = now + <long long>(timeout * 1e9)
         self.run_passes = self.run_passed = self.run_freed = self.accepted = self.passed = 0
         self.run_error = 0
+        self.all_behind = 0
         self.unsettled = False
         self._reset()
         for i in range(self.n):
@@ -575,18 +583,22 @@ cdef class Passer:
         if cap <= 0 or self.n == 0:
             room = 0  # nothing to pass to: listeners go back to the caller like the rest
         while True:
-            if deadline < 0:
+            wake = deadline
+            if watch_due and (wake < 0 or watch_due < wake):
+                wake = watch_due
+            if wake < 0:
                 wait_ms = -1
-            elif deadline <= now:
+            elif wake <= now:
                 wait_ms = 0
             else:  # rounded up, as select.epoll.poll does: never wake before the deadline
-                wait_ms = <int>((deadline - now + 999999) // 1000000)
+                wait_ms = <int>((wake - now + 999999) // 1000000)
             with nogil:
                 ready = epoll_wait(epfd, events, _RUN_EVENTS, wait_ms)
                 if ready < 0:
                     err = errno
             if ready < 0:
                 if err == EINTR:
+                    self.watch_due = watch_due
                     return others  # the caller's loop runs the signal handlers
                 raise _oserror(err)
             for k in range(ready):
@@ -619,8 +631,8 @@ cdef class Passer:
                                 self.run_given_[i] += self.given_[i]
                                 if pass_ns and not self.run_stamp_[i]:
                                     self.run_stamp_[i] = pass_ns
-                                    if deadline < 0 or pass_ns + reclaim_ns < deadline:
-                                        deadline = pass_ns + reclaim_ns
+                                    if not watch_due or pass_ns + reclaim_ns < watch_due:
+                                        watch_due = pass_ns + reclaim_ns
                 if n == 0:
                     if err:  # nothing taken: the caller backs off
                         self.run_error = err
@@ -635,10 +647,27 @@ cdef class Passer:
                     self.unsettled = True
                     ended = True
             if others or ended or room <= 0:
-                return others
+                break
             now = _now_ns()
-            if ready == 0 or (deadline >= 0 and now >= deadline):
-                return others
+            if watch_due and now >= watch_due:
+                if not reclaim_ns or self._someone_reads():
+                    break
+                self.all_behind = now
+                watch_due = now + reclaim_ns
+            if deadline >= 0 and now >= deadline:
+                break
+        self.watch_due = watch_due
+        return others
+
+    cdef bint _someone_reads(self) noexcept nogil:
+        """Some target has nothing unread in its channel."""
+        cdef Py_ssize_t i
+        cdef int queued
+        for i in range(self.n):
+            queued = 0
+            if ioctl(self.fd[i], SIOCOUTQ, &queued) != 0 or queued <= 0:
+                return True
+        return False
 
     cdef Py_ssize_t _slot_of(self, int fd) noexcept:
         cdef Py_ssize_t i

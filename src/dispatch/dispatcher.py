@@ -102,6 +102,9 @@ class Dispatcher:
         # reported Done, and the messages that were not a Done (``poll``).
         self.reported: list[WorkerHandle] = []
         self.strays: list[tuple[WorkerHandle, bytes]] = []
+        # When the server's loop wants control back whatever reclaim wants (its tick);
+        # 0: the poll's timeout says. The fast path watches unread channels itself till then.
+        self.tick_due = 0.0
         self._fresh_unread = FRESH_UNREAD if self.policy.needs_loads else 0.0
         self._passer = None if kind is None else _fdpass.Passer(kind, _FDS_MESSAGES, self._accept_buf,
                                                                 one_per_message_below,
@@ -352,13 +355,17 @@ class Dispatcher:
             return None
         targets = self.targets
         reclaim_ns = int(self.reclaim_after * 1e9) if len(targets) > 1 else 0
+        if self.tick_due:
+            timeout = max(0.0, self.tick_due - time.monotonic())
         events: list[tuple[int, int]] = passer.run(epfd, self._listen_array, timeout, room,
                                                    self._accept_limit, self.skip_busy, reclaim_ns,
-                                                   self._progress)
+                                                   self._progress, int(self.reclaim_due * 1e9))
         if passer.run_passes:
             self._accept_failures = 0
             self._credit_run(targets)
         self.reported = self._credit_done(targets) if passer.run_freed else []
+        if passer.all_behind:
+            self._all_behind(passer.all_behind / 1e9, passer.watch_due / 1e9)
         self.strays = self._strays(targets) if passer.strays else []
         if passer.run_error:
             self._accept_failed(OSError(passer.run_error, os.strerror(passer.run_error)))
@@ -369,6 +376,16 @@ class Dispatcher:
                 start, left = self.dispatch(buf, start, left)
             self._keep(buf, start, left)
         return events
+
+    def _all_behind(self, when: float, next_look: float) -> None:
+        """The run looked at the unread channels ``when`` in our place and found every
+        target behind, so reclaim could have taken nothing: each watch starts over from
+        then, as reclaim re-arms them (a worker that just got something waits a little
+        longer to be called stuck, never less), and the next look is ``next_look``."""
+        for worker in self.workers.values():
+            if worker.unread_since and worker.unread_since < when:
+                worker.unread_since = when
+        self.reclaim_due = next_look
 
     def _credit_done(self, targets: list[WorkerHandle]) -> list[WorkerHandle]:
         """The Done messages a run read, on the workers' counters (the Passer's loads and

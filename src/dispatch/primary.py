@@ -430,6 +430,8 @@ class Server:
                 dispatcher = self._dispatcher
                 due = dispatcher.reclaim_due if dispatcher is not None else 0.0
                 wake = due if due and due < next_tick else next_tick
+                if dispatcher is not None:
+                    dispatcher.tick_due = next_tick  # its fast path watches reclaim itself till then
                 poll(wake - now if wake > now else 0.0)
                 now = monotonic()
                 if due and now >= due:
