@@ -181,3 +181,17 @@ def test_reclaim_s_watch_runs_in_c_while_every_worker_is_behind(harness: Any, li
     assert a.unread_since > watched_from and b.unread_since > watched_from
     assert h.dispatcher.reclaim_due > time.monotonic() - 0.03
     assert h.dispatcher.reclaim(h.dispatcher.reclaim_due) == 0  # still nothing to take back
+
+
+def test_a_failed_wait_is_an_error_the_reactor_survives(harness: Any, listener: Any, clients: Any) -> None:
+    h = fast(harness(), listener)
+    a, b = h.worker(0), h.worker(1)
+    with pytest.raises(OSError) as failed:
+        h.dispatcher.poll(-1, 0.0)  # no epoll at all
+    assert failed.value.errno == errno.EBADF
+    h.reactor.set_poller(lambda epfd, timeout: h.dispatcher.poll(-1, timeout))
+    h.reactor.poll(0.0)  # logged, and the loop goes on
+    h.reactor.set_poller(h.fleet.poll)
+    clients(2)
+    h.reactor.poll(0.05)
+    assert h.received(a) + h.received(b) == 2

@@ -231,3 +231,13 @@ def test_a_watch_ends_the_run_once_some_target_has_read_everything(rig: type[Rig
         reads.join()
     assert 0.1 <= time.monotonic() - started < 1.0
     assert r.passer.all_behind  # it had looked before and found both behind
+
+
+def test_a_wait_that_fails_ends_the_run_and_keeps_what_it_passed(rig: type[Rig]) -> None:
+    r = rig(2)
+    r.connect(1)
+    assert r.run(0.05) == []
+    assert r.passer.run_passed == 1 and r.passer.wait_error == 0
+    with socket.socket() as not_epoll:  # epoll_wait on it: EINVAL
+        assert r.passer.run(not_epoll.fileno(), r.listen_fds, 1.0, 100, ACCEPT_LIMIT, False) == []
+    assert r.passer.wait_error == errno.EINVAL and r.passer.run_passes == 0

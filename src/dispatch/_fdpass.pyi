@@ -44,6 +44,7 @@ class Passer:
     run_passes: int
     run_passed: int
     run_error: int
+    wait_error: int
     unsettled: bool
     run_freed: int
     all_behind: int

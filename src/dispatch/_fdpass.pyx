@@ -356,6 +356,7 @@ cdef class Passer:
     cdef readonly Py_ssize_t run_passes, run_passed, run_freed
     cdef long long *run_done_  # connections it reported done, read in the run
     cdef readonly int run_error  # errno of a run's accept that took nothing: the run ended there
+    cdef readonly int wait_error  # errno of a run's epoll_wait that failed (not EINTR): the run ended there
     cdef readonly long long stamp  # the progress stamp of the last Done read in a run
     cdef readonly long long all_behind  # ns: a run's last look at a watch deadline found every target behind
     cdef readonly long long watch_due  # ns: when the last run would have looked next (0: none)
@@ -544,7 +545,8 @@ cdef class Passer:
         to Python. Returns, as ``select.epoll.poll`` would, the ready descriptors that are
         not those listeners, as soon as there are any; or ``[]`` once ``timeout`` seconds
         passed (negative: no limit), a signal interrupted the wait, ``room`` was spent, or a
-        pass ended short. Then ``unsettled`` says the last pass left something to the
+        pass ended short; if the wait itself failed, ``wait_error`` says why (the passes
+        before it are counted all the same). Then ``unsettled`` says the last pass left something to the
         caller: its ``status``, and ``buffer[passed:accepted]`` not passed; ``run_error``
         that its accept failed and took nothing. What each target was given, passed over
         for and seen reading over the whole run: ``run_given``, ``run_skips``, ``run_seen``.
@@ -573,7 +575,7 @@ cdef class Passer:
         if timeout >= 0:
             deadline = now + <long long>(timeout * 1e9)
         self.run_passes = self.run_passed = self.run_freed = self.accepted = self.passed = 0
-        self.run_error = 0
+        self.run_error = self.wait_error = 0
         self.all_behind = 0
         self.unsettled = False
         self._reset()
@@ -597,10 +599,9 @@ cdef class Passer:
                 if ready < 0:
                     err = errno
             if ready < 0:
-                if err == EINTR:
-                    self.watch_due = watch_due
-                    return others  # the caller's loop runs the signal handlers
-                raise _oserror(err)
+                if err != EINTR:  # EINTR: the caller's loop runs the signal handlers
+                    self.wait_error = err  # raised by the caller once it has credited the run
+                break
             for k in range(ready):
                 fd = events[k].data.fd
                 if not ended and self.done_size and events[k].events == EPOLLIN:

@@ -375,6 +375,8 @@ class Dispatcher:
             if self._after_pass(targets, start, left):
                 start, left = self.dispatch(buf, start, left)
             self._keep(buf, start, left)
+        if passer.wait_error:
+            raise OSError(passer.wait_error, os.strerror(passer.wait_error))
         return events
 
     def _all_behind(self, when: float, next_look: float) -> None:
