@@ -109,8 +109,13 @@ def test_graceful_stop_serves_the_queue_after_the_requests_in_hand() -> None:
     with ServerProcess(workers=2, threads=1, balance="pull", graceful_timeout=20) as server:
         server.wait_ready(2)
         with ThreadPoolExecutor(6) as pool:
-            slow = [pool.submit(request, server.address, "/sleep/800", 20) for _ in range(2)]
-            server.wait_events("handling", 2)
+            # One at a time: a worker whose thread is free may also take a connection that has
+            # not sent its request yet (its idle pool), so two sent at once can land on one worker.
+            slow = []
+            for started in (1, 2):
+                slow.append(pool.submit(request, server.address, "/sleep/800", 20))
+                handling = server.wait_events("handling", started)
+            assert len({e["pid"] for e in handling}) == 2  # each worker's one thread is busy
             fast = _queue_then_stop(server, pool, 4)
             answers = [f.result(timeout=20) for f in slow + fast]
         assert server.wait(20) == 0
