@@ -57,15 +57,19 @@ def test_async_handler(mode: str) -> None:
         assert server.exits() == dict.fromkeys(workers, "exited with code 0")
 
 
-def test_round_robin_splits_evenly_between_two_workers() -> None:
-    with ServerProcess(balance="round-robin") as server:
+@pytest.mark.parametrize("skip_busy, most_off", [(False, 0.01), (True, 0.1)])
+def test_round_robin_splits_evenly_between_two_workers(skip_busy: bool, most_off: float) -> None:
+    # Plain round-robin alternates batch by batch: even to a connection or two. With skip_busy
+    # (the default) a worker that has not read its last connection yet is passed over, which
+    # on two cores shared with the clients moves a few percent, more on a loaded machine.
+    with ServerProcess(balance="round-robin", skip_busy=skip_busy) as server:
         server.wait_ready(2)
         counts: dict[int, int] = {}
         for body in _many(server.address, 2000, clients=4):
             pid = answering_pid(body)
             counts[pid] = counts.get(pid, 0) + 1
         assert len(counts) == 2
-        assert abs(min(counts.values()) / 2000 - 0.5) < 0.03, counts
+        assert abs(min(counts.values()) / 2000 - 0.5) < most_off, counts
 
 
 def test_four_workers_on_a_small_machine_all_serve() -> None:

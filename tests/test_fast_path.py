@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from dispatch import _fdpass, protocol
+from dispatch.reactor import WaitFailed
 from tests.harness import Harness
 
 
@@ -183,15 +184,64 @@ def test_reclaim_s_watch_runs_in_c_while_every_worker_is_behind(harness: Any, li
     assert h.dispatcher.reclaim(h.dispatcher.reclaim_due) == 0  # still nothing to take back
 
 
-def test_a_failed_wait_is_an_error_the_reactor_survives(harness: Any, listener: Any, clients: Any) -> None:
+def test_a_failed_wait_is_raised_as_the_reactor_s_own_would_be(harness: Any, listener: Any) -> None:
+    h = fast(harness(), listener)
+    h.worker(0), h.worker(1)
+    with pytest.raises(WaitFailed) as failed:
+        h.fleet.poll(-1, 0.0)  # no epoll at all
+    assert failed.value.errno == errno.EBADF
+    h.reactor.set_poller(lambda epfd, timeout: h.fleet.poll(-1, timeout))
+    with pytest.raises(WaitFailed):  # out of serve_forever, as a failing epoll.poll would
+        h.reactor.poll(0.0)
+
+
+def test_a_poller_that_fails_otherwise_is_logged_and_the_reactor_polls(harness: Any, listener: Any,
+                                                                       clients: Any) -> None:
     h = fast(harness(), listener)
     a, b = h.worker(0), h.worker(1)
-    with pytest.raises(OSError) as failed:
-        h.dispatcher.poll(-1, 0.0)  # no epoll at all
-    assert failed.value.errno == errno.EBADF
-    h.reactor.set_poller(lambda epfd, timeout: h.dispatcher.poll(-1, timeout))
-    h.reactor.poll(0.0)  # logged, and the loop goes on
-    h.reactor.set_poller(h.fleet.poll)
+
+    def broken(epfd: int, timeout: float) -> Any:
+        raise ValueError("a bug")
+
+    h.reactor.set_poller(broken)
     clients(2)
-    h.reactor.poll(0.05)
+    h.reactor.poll(0.05)  # the listener's own callback takes them
     assert h.received(a) + h.received(b) == 2
+
+
+def test_a_message_that_fails_does_not_lose_the_others_the_run_read(harness: Any, listener: Any,
+                                                                      clients: Any, monkeypatch: Any) -> None:
+    h = fast(harness(balance="least-connections"), listener)
+    a, b = h.worker(0), h.worker(1)
+    real = h.fleet._on_message
+
+    def fails_for_a(worker: Any, message: Any, now: float) -> None:
+        if worker is a:
+            raise RuntimeError("a bug in handling a's report")
+        real(worker, message, now)
+
+    monkeypatch.setattr(h.fleet, "_on_message", fails_for_a)
+    for worker in (a, b):
+        h.from_worker(worker, protocol.Heartbeat(active=0, total=3, rss=1, cpu_ms=1))
+    h.reactor.poll(0.05)
+    assert b.report is not None and b.report.total == 3
+
+
+def test_a_done_that_credits_nothing_still_says_the_worker_is_alive(harness: Any, listener: Any,
+                                                                      monkeypatch: Any) -> None:
+    h = fast(harness(balance="least-connections"), listener)
+    a, _ = h.worker(0), h.worker(1)
+    heard: list[int] = []
+    monkeypatch.setattr(h.server.supervisor, "heard_from", lambda pid, now: heard.append(pid) or [])
+    h.from_worker(a, protocol.Done(1))  # it holds nothing: clamped to 0
+    h.reactor.poll(0.05)
+    assert heard == [a.pid] and a.done == 0 and h.dispatcher.outstanding == 0
+
+
+def test_a_watch_not_yet_due_keeps_its_age_when_every_worker_is_behind(harness: Any) -> None:
+    h = harness(balance="least-connections", reclaim_after=0.05)
+    a, b = h.worker(0), h.worker(1)
+    a.unread_since, b.unread_since = 10.0, 10.04
+    h.dispatcher._all_behind(10.06, 10.11)
+    assert (a.unread_since, b.unread_since) == (10.06, 10.04)  # a was stuck: re-armed; b was not due
+    assert h.dispatcher.reclaim_due == 10.11

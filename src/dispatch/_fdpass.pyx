@@ -355,6 +355,8 @@ cdef class Passer:
     cdef readonly Py_ssize_t accepted  # of the last pass of a run
     cdef readonly Py_ssize_t run_passes, run_passed, run_freed
     cdef long long *run_done_  # connections it reported done, read in the run
+    cdef char *run_heard_  # sent a Done in the run (even one that credited nothing)
+    cdef readonly bint heard_any  # some target did
     cdef readonly int run_error  # errno of a run's accept that took nothing: the run ended there
     cdef readonly int wait_error  # errno of a run's epoll_wait that failed (not EINTR): the run ended there
     cdef readonly long long stamp  # the progress stamp of the last Done read in a run
@@ -416,6 +418,7 @@ cdef class Passer:
         free(self.run_cleared_)
         free(self.run_stamp_)
         free(self.run_done_)
+        free(self.run_heard_)
 
     cdef void _grow(self, Py_ssize_t size) except *:
         self.fd = <int *>_resized(self.fd, size * sizeof(int))
@@ -435,6 +438,7 @@ cdef class Passer:
         self.run_cleared_ = <char *>_resized(self.run_cleared_, size * sizeof(char))
         self.run_stamp_ = <long long *>_resized(self.run_stamp_, size * sizeof(long long))
         self.run_done_ = <long long *>_resized(self.run_done_, size * sizeof(long long))
+        self.run_heard_ = <char *>_resized(self.run_heard_, size * sizeof(char))
         self.size = size
 
     def set_targets(self, fds, loads, caps, max_batches, progress):
@@ -458,7 +462,7 @@ cdef class Passer:
             self.unread_[i] = 0
             self.passed_over[i] = 0
             self.run_given_[i] = self.run_skips_[i] = self.run_stamp_[i] = self.run_done_[i] = 0
-            self.run_cleared_[i] = 0
+            self.run_cleared_[i] = self.run_heard_[i] = 0
         self.n = n
 
     cdef long long _sent_at_of(self, int fd, Py_ssize_t near) noexcept:
@@ -577,11 +581,12 @@ cdef class Passer:
         self.run_passes = self.run_passed = self.run_freed = self.accepted = self.passed = 0
         self.run_error = self.wait_error = 0
         self.all_behind = 0
+        self.heard_any = False
         self.unsettled = False
         self._reset()
         for i in range(self.n):
             self.run_given_[i] = self.run_skips_[i] = self.run_stamp_[i] = self.run_done_[i] = 0
-            self.run_cleared_[i] = 0
+            self.run_cleared_[i] = self.run_heard_[i] = 0
         if cap <= 0 or self.n == 0:
             room = 0  # nothing to pass to: listeners go back to the caller like the rest
         while True:
@@ -699,6 +704,8 @@ cdef class Passer:
                 handled = False
                 break
             if rc == self.done_size and memcmp(buf, self.done_prefix, rc - 4) == 0:
+                self.run_heard_[slot] = 1  # alive, whatever it counts
+                self.heard_any = True
                 body = <const unsigned char *>buf + rc - 4
                 count = (<long long>body[0] << 24) | (body[1] << 16) | (body[2] << 8) | body[3]
                 if count > self.load[slot]:
@@ -724,6 +731,10 @@ cdef class Passer:
     def run_done(self, Py_ssize_t slot):
         """Connections ``slot`` reported done in the last ``run`` (Done messages read there)."""
         return self.run_done_[slot] if 0 <= slot < self.n else 0
+
+    def run_heard(self, Py_ssize_t slot):
+        """True if the last ``run`` read a Done from ``slot``, even one that credited nothing."""
+        return bool(self.run_heard_[slot]) if 0 <= slot < self.n else False
 
     def run_given(self, Py_ssize_t slot):
         """Connections the last ``run`` sent to ``slot``, over all its passes."""

@@ -36,7 +36,7 @@ from dispatch.counters import Counters
 from dispatch.limits import descriptors_free
 from dispatch.logs import FailureLog
 from dispatch.processes import WorkerHandle, kill
-from dispatch.reactor import IN, OUT, Reactor
+from dispatch.reactor import IN, OUT, Reactor, WaitFailed
 
 _FDS_MESSAGES = [protocol.encode_fds(n) for n in range(_fdpass.SCM_MAX_FD + 1)]
 # Descriptors kept free in the primary's own table, beyond the accept batch, for
@@ -105,6 +105,7 @@ class Dispatcher:
         # When the server's loop wants control back whatever reclaim wants (its tick);
         # 0: the poll's timeout says. The fast path watches unread channels itself till then.
         self.tick_due = 0.0
+        self.wait_failed: WaitFailed | None = None  # the last run's epoll_wait failed: raised by the fleet's poll
         self._fresh_unread = FRESH_UNREAD if self.policy.needs_loads else 0.0
         self._passer = None if kind is None else _fdpass.Passer(kind, _FDS_MESSAGES, self._accept_buf,
                                                                 one_per_message_below,
@@ -363,7 +364,7 @@ class Dispatcher:
         if passer.run_passes:
             self._accept_failures = 0
             self._credit_run(targets)
-        self.reported = self._credit_done(targets) if passer.run_freed else []
+        self.reported = self._credit_done(targets) if passer.heard_any else []
         if passer.all_behind:
             self._all_behind(passer.all_behind / 1e9, passer.watch_due / 1e9)
         self.strays = self._strays(targets) if passer.strays else []
@@ -376,22 +377,23 @@ class Dispatcher:
                 start, left = self.dispatch(buf, start, left)
             self._keep(buf, start, left)
         if passer.wait_error:
-            raise OSError(passer.wait_error, os.strerror(passer.wait_error))
+            self.wait_failed = WaitFailed(passer.wait_error, os.strerror(passer.wait_error))
         return events
 
     def _all_behind(self, when: float, next_look: float) -> None:
         """The run looked at the unread channels ``when`` in our place and found every
-        target behind, so reclaim could have taken nothing: each watch starts over from
-        then, as reclaim re-arms them (a worker that just got something waits a little
-        longer to be called stuck, never less), and the next look is ``next_look``."""
+        target behind, so reclaim could have taken nothing: the watches it would have
+        called stuck start over from then, as reclaim re-arms them, and the next look is
+        ``next_look`` (a watch that was not due yet is looked at then, not sooner)."""
         for worker in self.workers.values():
-            if worker.unread_since and worker.unread_since < when:
+            if worker.unread_since and when - worker.unread_since >= self.reclaim_after:
                 worker.unread_since = when
         self.reclaim_due = next_look
 
     def _credit_done(self, targets: list[WorkerHandle]) -> list[WorkerHandle]:
         """The Done messages a run read, on the workers' counters (the Passer's loads and
-        stamps have them already); returns who sent them."""
+        stamps have them already); returns who sent them (alive, even if the count was
+        more than it held and credited nothing, as the callback hears it)."""
         passer = self._passer
         assert passer is not None
         reported = []
@@ -400,6 +402,7 @@ class Dispatcher:
             if count:
                 worker.done += count
                 worker.progress = passer.progress_of(slot)
+            if passer.run_heard(slot):
                 reported.append(worker)
         self.outstanding -= passer.run_freed
         self._progress = passer.stamp

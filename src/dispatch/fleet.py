@@ -183,12 +183,26 @@ class Fleet:
             return events
         if dispatcher.reported or dispatcher.strays:
             now = time.monotonic()
+            # Each on its own, as each channel's callback would be: the run already took these
+            # messages out of their channels, so one that fails must not lose the others.
             for worker in dispatcher.reported:
-                self._apply(self.supervisor.heard_from(worker.pid, now))
+                self._guarded(self._heard_from, worker, now)
             for worker, data in dispatcher.strays:
                 if self.workers.get(worker.pid) is worker:
-                    self._on_datagram(worker, data, now)
+                    self._guarded(self._on_datagram, worker, data, now)
+        if dispatcher.wait_failed is not None:
+            failed, dispatcher.wait_failed = dispatcher.wait_failed, None
+            raise failed
         return events
+
+    def _heard_from(self, worker: WorkerHandle, now: float) -> None:
+        self._apply(self.supervisor.heard_from(worker.pid, now))
+
+    def _guarded(self, handle: Callable[..., object], *args: object) -> None:
+        try:
+            handle(*args)
+        except Exception:
+            log.error("handling a message read by the fast path failed", exc_info=True)
 
     def _on_done(self, worker: WorkerHandle, count: int, now: float) -> None:
         self._apply(self.supervisor.heard_from(worker.pid, now))

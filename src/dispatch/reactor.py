@@ -30,6 +30,11 @@ Callback = Callable[[int], None]
 #: ``poller(epoll_fd, timeout)``: the events a fast path left to the callbacks, or None
 #: when it does not apply now (then the reactor polls itself).
 Poller = Callable[[int, float], "list[tuple[int, int]] | None"]
+
+
+class WaitFailed(OSError):
+    """A poller's wait on the epoll itself failed: raised from ``poll`` as ``epoll.poll``'s
+    own failure would be (any other error of a poller is logged and the reactor polls)."""
 #: Events taken from one epoll_wait (the rest come on the next): a small buffer per poll
 #: instead of select.epoll's default of 1,023 entries.
 _MAX_EVENTS = 64
@@ -96,9 +101,11 @@ class Reactor:
         if self._poller is not None:
             try:
                 ready = self._poller(self._epoll.fileno(), timeout)
+            except WaitFailed:
+                raise
             except Exception:
                 self._failures.error("poller", "the fast path of the primary failed", exc_info=True)
-                return
+                timeout = 0.0  # its time has passed: take what is ready and go on
         if ready is None:
             ready = self._epoll.poll(timeout, _MAX_EVENTS)
         for fd, events in ready:
