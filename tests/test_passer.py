@@ -70,8 +70,8 @@ def connections(count: int) -> array.array[int]:
     return array.array("i", [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(count)])
 
 
-def passer(kind: int, below: int = 0) -> _fdpass.Passer:
-    return _fdpass.Passer(kind, MESSAGES, array.array("i", bytes(4 * 16)), below)
+def passer(kind: int, below: int = 0, fresh_ns: int = 0) -> _fdpass.Passer:
+    return _fdpass.Passer(kind, MESSAGES, array.array("i", bytes(4 * 16)), below, fresh_ns)
 
 
 @settings(max_examples=60, deadline=None)
@@ -211,46 +211,34 @@ def test_bad_arguments_are_refused() -> None:
         p.pass_batch(array.array("i", [0]), 0, 2, False)
 
 
-def test_a_send_time_follows_its_worker_when_the_slots_shift() -> None:
-    ch = Channels(3)
-    try:
-        p = passer(_fdpass.ROUND_ROBIN)
-        p.fresh_ns = 30 * 10**9  # everything sent in this test is fresh
-        p.set_targets(ch.fds, [0] * 3, [0] * 3, [253] * 3, [0] * 3)
-        assert p.pass_batch(connections(3), 0, 3, True) == 3  # one each
-        assert sum(ch.received(2)) == 1  # the last one read its own; the middle one not yet
-        p.set_targets(ch.fds[1:], [1, 1], [0, 0], [253, 253], [0, 0])  # the first one leaves
-        assert p.pass_batch(connections(2), 0, 2, True) == 2
-        assert not p.any_skipped  # the middle one was just sent its own: it still counts as reading
-        assert [sum(ch.received(i)) for i in (1, 2)] == [2, 1]
-    finally:
-        ch.close()
+def test_a_send_time_follows_its_worker_when_the_slots_shift(channels: type[Channels]) -> None:
+    ch = channels(3)
+    p = passer(_fdpass.ROUND_ROBIN, fresh_ns=30 * 10**9)  # everything sent in this test is fresh
+    p.set_targets(ch.fds, [0] * 3, [0] * 3, [253] * 3, [0] * 3)
+    assert p.pass_batch(connections(3), 0, 3, True) == 3  # one each
+    assert sum(ch.received(2)) == 1  # the last one read its own; the middle one not yet
+    p.set_targets(ch.fds[1:], [1, 1], [0, 0], [253, 253], [0, 0])  # the first one leaves
+    assert p.pass_batch(connections(2), 0, 2, True) == 2
+    assert not p.any_skipped  # the middle one was just sent its own: it still counts as reading
+    assert [sum(ch.received(i)) for i in (1, 2)] == [2, 1]
 
 
-def test_sends_without_a_look_are_timed_too() -> None:
-    ch = Channels(2)
-    try:
-        p = passer(_fdpass.ROUND_ROBIN)
-        p.fresh_ns = 30 * 10**9
-        p.set_targets(ch.fds[:1], [0], [0], [253], [0])  # one target: nothing to compare
-        assert p.pass_batch(connections(1), 0, 1, True) == 1
-        p.set_targets(ch.fds, [1, 0], [0, 0], [253, 253], [0, 0])
-        assert p.pass_batch(connections(2), 0, 2, True) == 2
-        assert not p.skipped(0) and not p.any_skipped
-    finally:
-        ch.close()
+def test_sends_without_a_look_are_timed_too(channels: type[Channels]) -> None:
+    ch = channels(2)
+    p = passer(_fdpass.ROUND_ROBIN, fresh_ns=30 * 10**9)
+    p.set_targets(ch.fds[:1], [0], [0], [253], [0])  # one target: nothing to compare
+    assert p.pass_batch(connections(1), 0, 1, True) == 1
+    p.set_targets(ch.fds, [1, 0], [0, 0], [253, 253], [0, 0])
+    assert p.pass_batch(connections(2), 0, 2, True) == 2
+    assert not p.skipped(0) and not p.any_skipped
 
 
-def test_unread_older_than_the_window_is_behind() -> None:
-    ch = Channels(2)
-    try:
-        p = passer(_fdpass.ROUND_ROBIN)
-        p.fresh_ns = 1_000_000  # 1 ms
-        p.set_targets(ch.fds, [0, 0], [0, 0], [253, 253], [0, 0])
-        assert p.pass_batch(connections(1), 0, 1, True) == 1  # to slot 0, never read
-        time.sleep(0.005)
-        assert p.pass_batch(connections(2), 0, 2, True) == 2
-        assert p.skipped(0) and not p.skipped(1)
-        assert [sum(ch.received(i)) for i in range(2)] == [1, 2]
-    finally:
-        ch.close()
+def test_unread_older_than_the_window_is_behind(channels: type[Channels]) -> None:
+    ch = channels(2)
+    p = passer(_fdpass.ROUND_ROBIN, fresh_ns=1_000_000)  # 1 ms
+    p.set_targets(ch.fds, [0, 0], [0, 0], [253, 253], [0, 0])
+    assert p.pass_batch(connections(1), 0, 1, True) == 1  # to slot 0, never read
+    time.sleep(0.005)
+    assert p.pass_batch(connections(2), 0, 2, True) == 2
+    assert p.skipped(0) and not p.skipped(1)
+    assert [sum(ch.received(i)) for i in range(2)] == [1, 2]

@@ -328,8 +328,9 @@ cdef class Passer:
     chunk. Nothing in Python per connection or per target on this path.
 
     The dispatcher loads the targets after every change (``set_targets``), reports
-    completions (``done``), and after each ``pass_batch`` reads what each slot was
-    given (``given``) and whether it was passed over as busy (``skipped``). The
+    completions (``done``), and after each ``run`` (or a single ``accept_and_pass`` or
+    ``pass_batch``, counted as a run of one pass) reads what each slot was given, passed
+    over for and seen reading (``run_given``, ``run_skips``, ``run_seen``). The
     policies are ``balance.RoundRobin`` and ``balance.LeastConnections`` to the letter,
     rotation included; any other policy does not use a Passer.
     """
@@ -500,17 +501,6 @@ cdef class Passer:
         self.fail_count = count
         self.fail_errno = err
 
-    @property
-    def given_slot(self):
-        """The one slot the last pass gave connections to; -1 when none or several did."""
-        cdef Py_ssize_t i, found = -1
-        for i in range(self.n):
-            if self.given_[i]:
-                if found != -1:
-                    return -1
-                found = i
-        return found
-
     def unread(self, Py_ssize_t slot):
         """True if ``slot`` had unread messages when the last pass looked (``looked``)."""
         return bool(self.unread_[slot]) if 0 <= slot < self.n else False
@@ -520,22 +510,27 @@ cdef class Passer:
         it ``fresh_ns`` or more ago while another target was reading (``any_skipped``)."""
         return self.any_skipped and 0 <= slot < self.n and bool(self.passed_over[slot])
 
-    def accept_and_pass(self, int listen_fd, Py_ssize_t limit, Py_ssize_t room, bint skip_busy):
+    def accept_and_pass(self, int listen_fd, Py_ssize_t limit, Py_ssize_t room, bint skip_busy,
+                        long long reclaim_ns=0):
         """Accept up to ``limit`` connections into the accept buffer, as ``accept_batch``
         does (an error on the first accept raises ``OSError``), and pass up to ``room`` of
         them as ``pass_batch`` does. Returns how many were accepted; ``passed`` says how
-        many of them went (``buffer[0:passed]``), the rest are the caller's."""
+        many of them went (``buffer[0:passed]``), the rest are the caller's. Counted as a
+        run of one pass (``run_given``, ``run_skips``, ``run_seen``)."""
         cdef Py_ssize_t cap = self.accepted_.shape[0] if limit > self.accepted_.shape[0] else limit
         cdef Py_ssize_t n = 0
         cdef int err = 0
         cdef int *fds = &self.accepted_[0]
         cdef Py_ssize_t passed = 0
+        cdef long long watch_due = 0
+        self._begin_run()
         self._reset()
         if cap > 0:
             with nogil:  # accepting and passing, all in one go without the GIL
                 n = _accept_into(listen_fd, fds, cap, &err)
                 if n and room > 0:
                     passed = self._pass(fds, n if n <= room else room, skip_busy)
+                    self._count_pass(passed, reclaim_ns, &watch_due)
         self.passed = passed
         if err and n == 0:
             raise _oserror(err)
@@ -570,7 +565,7 @@ cdef class Passer:
         cdef const int *listeners = &listen_fds[0] if nl else NULL
         cdef int *fds = &self.accepted_[0]
         cdef int ready, wait_ms, err = 0, fd
-        cdef long long now = _now_ns(), deadline = -1, pass_ns, wake
+        cdef long long now = _now_ns(), deadline = -1, wake
         cdef bint ended = False
         cdef list others = []
         cdef Py_ssize_t slot, freed
@@ -578,15 +573,8 @@ cdef class Passer:
         self.stamp = stamp
         if timeout >= 0:
             deadline = now + <long long>(timeout * 1e9)
-        self.run_passes = self.run_passed = self.run_freed = self.accepted = self.passed = 0
-        self.run_error = self.wait_error = 0
-        self.all_behind = 0
-        self.heard_any = False
-        self.unsettled = False
+        self._begin_run()
         self._reset()
-        for i in range(self.n):
-            self.run_given_[i] = self.run_skips_[i] = self.run_stamp_[i] = self.run_done_[i] = 0
-            self.run_cleared_[i] = self.run_heard_[i] = 0
         if cap <= 0 or self.n == 0:
             room = 0  # nothing to pass to: listeners go back to the caller like the rest
         while True:
@@ -626,26 +614,12 @@ cdef class Passer:
                     if n:
                         self._reset()
                         passed = self._pass(fds, n if n <= room else room, skip_busy)
-                        pass_ns = _now_ns() if reclaim_ns else 0
-                        for i in range(self.n):
-                            if self.any_skipped and self.passed_over[i]:
-                                self.run_skips_[i] += 1
-                            if self.looked and not self.unread_[i]:
-                                self.run_cleared_[i] = 1
-                                self.run_stamp_[i] = 0
-                            if self.given_[i]:
-                                self.run_given_[i] += self.given_[i]
-                                if pass_ns and not self.run_stamp_[i]:
-                                    self.run_stamp_[i] = pass_ns
-                                    if not watch_due or pass_ns + reclaim_ns < watch_due:
-                                        watch_due = pass_ns + reclaim_ns
+                        self._count_pass(passed, reclaim_ns, &watch_due)
                 if n == 0:
                     if err:  # nothing taken: the caller backs off
                         self.run_error = err
                         ended = True
                     continue
-                self.run_passes += 1
-                self.run_passed += passed
                 self.accepted = n
                 self.passed = passed
                 room -= passed
@@ -752,20 +726,58 @@ cdef class Passer:
             return False, 0
         return bool(self.run_cleared_[slot]), self.run_stamp_[slot]
 
-    def pass_batch(self, int[::1] buf, Py_ssize_t start, Py_ssize_t count, bint skip_busy):
+    def pass_batch(self, int[::1] buf, Py_ssize_t start, Py_ssize_t count, bint skip_busy,
+                   long long reclaim_ns=0):
         """Send ``buf[start:start+count]`` to the targets; returns how many went: always
         ``buf[start:start+passed]``, sends take from the front. ``status`` says what
-        stopped it short, or that a target spent its last credit."""
+        stopped it short, or that a target spent its last credit. Counted as a run of one
+        pass (``run_given``, ``run_skips``, ``run_seen``)."""
         if start < 0 or count < 0 or start + count > buf.shape[0]:
             raise ValueError("start/count out of range")
+        self._begin_run()
         self._reset()
         if count == 0:
             return 0
         cdef int *fds = &buf[start]
         cdef Py_ssize_t passed
+        cdef long long watch_due = 0
         with nogil:
             passed = self._pass(fds, count, skip_busy)
+            self._count_pass(passed, reclaim_ns, &watch_due)
         return passed
+
+    cdef void _begin_run(self) noexcept:
+        """Nothing counted yet: what a run (or a single pass) reports starts here."""
+        cdef Py_ssize_t i
+        self.run_passes = self.run_passed = self.run_freed = self.accepted = self.passed = 0
+        self.run_error = self.wait_error = 0
+        self.all_behind = 0
+        self.heard_any = False
+        self.unsettled = False
+        for i in range(self.n):
+            self.run_given_[i] = self.run_skips_[i] = self.run_stamp_[i] = self.run_done_[i] = 0
+            self.run_cleared_[i] = self.run_heard_[i] = 0
+
+    cdef void _count_pass(self, Py_ssize_t passed, long long reclaim_ns, long long *watch_due) noexcept nogil:
+        """Add the last pass to the run: what each target was given, passed over for and
+        seen reading; with ``reclaim_ns``, when a target's watch starts (``watch_due``: the
+        earliest look it asks for)."""
+        cdef Py_ssize_t i
+        cdef long long pass_ns = _now_ns() if reclaim_ns else 0
+        self.run_passes += 1
+        self.run_passed += passed
+        for i in range(self.n):
+            if self.any_skipped and self.passed_over[i]:
+                self.run_skips_[i] += 1
+            if self.looked and not self.unread_[i]:
+                self.run_cleared_[i] = 1
+                self.run_stamp_[i] = 0
+            if self.given_[i]:
+                self.run_given_[i] += self.given_[i]
+                if pass_ns and not self.run_stamp_[i]:
+                    self.run_stamp_[i] = pass_ns
+                    if not watch_due[0] or pass_ns + reclaim_ns < watch_due[0]:
+                        watch_due[0] = pass_ns + reclaim_ns
 
     cdef void _reset(self) noexcept nogil:
         cdef Py_ssize_t i

@@ -96,8 +96,7 @@ class Dispatcher:
         self._accept_limit = accept_batch  # lowered when descriptors are scarce
         self._accept_resume_at = 0.0
         self._accept_failures = 0  # in a row: the backoff grows with them
-        self._listen_fds: list[int] = []
-        self._listen_array = array.array("i")  # the same, for the Passer's run
+        self._listen_fds = array.array("i")  # an array: the Passer's run reads it as is
         # What the last fast-path run read from the targets' channels, for the fleet: who
         # reported Done, and the messages that were not a Done (``poll``).
         self.reported: list[WorkerHandle] = []
@@ -118,7 +117,6 @@ class Dispatcher:
         """Accept on ``sock`` too: at once if the others are accepting, else when they do."""
         fd = sock.fileno()
         self._listen_fds.append(fd)
-        self._listen_array.append(fd)
         self.reactor.register(fd, IN if self.accepting else 0, self._make_acceptor(fd))
 
     def _make_acceptor(self, listen_fd: int) -> Callable[[int], None]:
@@ -131,7 +129,8 @@ class Dispatcher:
             passer = self._passer if self.targets and room > 0 else None
             try:
                 if passer is not None:
-                    count = passer.accept_and_pass(listen_fd, self._accept_limit, room, self.skip_busy)
+                    count = passer.accept_and_pass(listen_fd, self._accept_limit, room, self.skip_busy,
+                                                   self._reclaim_ns())
                 else:
                     count = accept_batch(listen_fd, buf, self._accept_limit)
             except OSError as exc:
@@ -201,8 +200,7 @@ class Dispatcher:
                     break
                 self.pending.extend(self._accept_buf[:count])
             self.reactor.unregister(fd)
-        self._listen_fds.clear()
-        del self._listen_array[:]
+        del self._listen_fds[:]
 
     # ------------------------------------------------------------ the periodic part
     def tick(self, now: float, reserve: int) -> None:
@@ -302,7 +300,8 @@ class Dispatcher:
             if room <= 0:
                 self._inflight_full()
                 break
-            passed = passer.pass_batch(buf, start, count if count <= room else room, self.skip_busy)
+            passed = passer.pass_batch(buf, start, count if count <= room else room, self.skip_busy,
+                                       self._reclaim_ns())
             start += passed
             count -= passed
             if not self._settle(passed, count):
@@ -312,14 +311,8 @@ class Dispatcher:
     def _settle(self, passed: int, left: int) -> bool:
         """The bookkeeping of one pass of the Passer (``passed`` went, ``left`` did not);
         True if what is left may be tried again now."""
-        passer = self._passer
-        assert passer is not None
         targets = self.targets
-        if passer.any_skipped or (passer.looked and self.reclaim_after):
-            self._after_look(targets)
-        if passed:
-            self.outstanding += passed
-            self._credit_sent(targets, passed)
+        self._credit_run(targets)
         return self._after_pass(targets, passed, left)
 
     def _after_pass(self, targets: list[WorkerHandle], passed: int, left: int) -> bool:
@@ -355,10 +348,10 @@ class Dispatcher:
         if passer is None or not self.accepting or room <= 0 or not self.targets or self.pending:
             return None
         targets = self.targets
-        reclaim_ns = int(self.reclaim_after * 1e9) if len(targets) > 1 else 0
+        reclaim_ns = self._reclaim_ns()
         if self.tick_due:
             timeout = max(0.0, self.tick_due - time.monotonic())
-        events: list[tuple[int, int]] = passer.run(epfd, self._listen_array, timeout, room,
+        events: list[tuple[int, int]] = passer.run(epfd, self._listen_fds, timeout, room,
                                                    self._accept_limit, self.skip_busy, reclaim_ns,
                                                    self._progress, int(self.reclaim_due * 1e9))
         if passer.run_passes:
@@ -415,8 +408,14 @@ class Dispatcher:
         by_fd = {worker.fd: worker for worker in targets}
         return [(by_fd[fd], data) for fd, data in passer.strays if fd in by_fd]
 
+    def _reclaim_ns(self) -> int:
+        """reclaim_after for the Passer, which dates what it sends for reclaim's watch:
+        0 when there is no other target to take back to."""
+        return int(self.reclaim_after * 1e9) if len(self.targets) > 1 else 0
+
     def _credit_run(self, targets: list[WorkerHandle]) -> None:
-        """A run's passes on the workers' counters, as ``_settle`` credits one pass."""
+        """What the Passer's last run (or single pass) did, on the workers' counters: sends,
+        skips, who was seen reading, and reclaim's watches from each first send."""
         passer = self._passer
         assert passer is not None
         self.outstanding += passer.run_passed
@@ -435,20 +434,6 @@ class Dispatcher:
             if given:
                 self._sent_to(worker, given, 0.0)
 
-    def _credit_sent(self, targets: list[WorkerHandle], passed: int) -> None:
-        """What the Passer sent, on each worker's own counters."""
-        passer = self._passer
-        assert passer is not None
-        now = time.monotonic() if self.reclaim_after and len(targets) > 1 else 0.0
-        slot = passer.given_slot
-        if slot >= 0:  # the usual case: one worker got the whole batch
-            self._sent_to(targets[slot], passed, now)
-            return
-        for slot, worker in enumerate(targets):
-            given = passer.given(slot)
-            if given:
-                self._sent_to(worker, given, now)
-
     def _sent_to(self, worker: WorkerHandle, count: int, now: float) -> None:
         """``count`` more went to ``worker``: watched for reading (``now``: 0 when not), and
         noted once it reaches its ``max_requests``."""
@@ -458,17 +443,6 @@ class Dispatcher:
         if worker.request_limit and worker.sent >= worker.request_limit:
             worker.request_limit = 0  # noted once; recycled on the next tick
             self.over_limit.append(worker)
-
-    def _after_look(self, targets: list[WorkerHandle]) -> None:
-        """What the Passer saw in the channels: skips counted, readers watched afresh."""
-        passer = self._passer
-        assert passer is not None
-        for slot, worker in enumerate(targets):
-            if passer.skipped(slot):
-                worker.skipped_busy += 1
-                self.counters.skipped_busy += 1
-            elif not passer.unread(slot):
-                worker.unread_since = 0.0  # read everything: what it gets next is watched afresh
 
     def _dispatch_each(self, buf: array.array[int], start: int, count: int) -> tuple[int, int]:
         """The per-connection path: the policy sees each client's address."""
