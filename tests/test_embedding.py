@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from dispatch.balance import Sticky
-from tests.helpers import ROOT, ServerProcess, answering_pid, connect, listening_sockets, wait_for
+from tests.helpers import (
+    ROOT,
+    ServerProcess,
+    answering_pid,
+    connect,
+    free_port,
+    listening_sockets,
+    wait_for,
+)
 
 EXAMPLES = ROOT / "examples"
 
@@ -84,7 +92,7 @@ def test_sticky_policy_unit() -> None:
 
 
 def test_example_embedded_admin_endpoints_and_hooks() -> None:
-    admin_port = _free_port()
+    admin_port = free_port()
     with _example("embedded_admin.py", "--admin", f"127.0.0.1:{admin_port}") as server:
         server.wait_ready(2)
         admin = f"http://127.0.0.1:{admin_port}"
@@ -113,11 +121,6 @@ def test_example_embedded_admin_endpoints_and_hooks() -> None:
         assert after == set(server.workers())
         assert state()["reloads"] == 1
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_on_worker_start_runs_in_each_worker(tmp_path: Path) -> None:

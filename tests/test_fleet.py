@@ -13,13 +13,7 @@ from typing import Any
 import pytest
 
 from dispatch.proxy_protocol import v1_header, v2_header
-from tests.helpers import ServerProcess, connect, fd_count, http_get, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.helpers import ServerProcess, connect, fd_count, free_port, http_get, wait_for
 
 
 def exchange(address: str, data: bytes, source: str | None = None, timeout: float = 10.0) -> bytes:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.haproxy import HAPROXY, HAProxy
-from tests.helpers import ServerProcess, http_get, wait_for
+from tests.helpers import ServerProcess, free_port, http_get, wait_for
 
 pytestmark = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")
 
@@ -47,11 +47,6 @@ defaults
 
 DRAIN_DELAY = 1.5
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Host:
